@@ -1,0 +1,420 @@
+"""Shared pieces of nanoR1: only what two or more scripts need.
+
+Loading models and tokenizers (local folder, hub id or short name), building a tiny
+Qwen2-shaped model with a locally trained tokenizer, prompt formatting, batched sampling
+with a KV cache, per-token log-probs, jsonl reading, device/dtype choice and atomic
+checkpoints. The algorithms themselves (advantages, losses, loops) live in the scripts.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# errors: one clear message, caught by each script's main() and printed without a traceback
+
+
+class UserError(Exception):
+    """Bad input from the user (a model, a file, a line, a flag); the message says which."""
+
+
+# ----------------------------------------------------------------------------------------
+# device and dtype, decided in one place
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    """bf16 on CUDA (when supported), fp32 everywhere else, unless the flag says otherwise."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ----------------------------------------------------------------------------------------
+# loading models: a local folder, a hub id ("Qwen/Qwen2.5-0.5B") or a short name
+
+# short-name prefix -> hub organisation (matched case-insensitively on the name's start)
+HUB_ORGS = [
+    ("deepseek-r1-distill-", "deepseek-ai"),
+    ("qwen", "Qwen"),  # Qwen2-, Qwen2.5-, Qwen3-, QwQ- is below
+    ("qwq-", "Qwen"),
+    ("meta-llama-", "meta-llama"),
+    ("llama-", "meta-llama"),
+    ("smollm", "HuggingFaceTB"),
+]
+
+
+def model_candidates(name):
+    """Where a model name may live, in the order they are tried: [(kind, where), ...]."""
+    out = []
+    if os.path.isdir(name) or name.startswith((".", "/", "~")):
+        return [("local folder", os.path.expanduser(name))]
+    if "/" in name:
+        return [("hub id", name)]
+    for prefix, org in HUB_ORGS:
+        if name.lower().startswith(prefix):
+            out.append(("hub id", f"{org}/{name}"))
+            break
+    out.append(("hub id", name))
+    return out
+
+
+def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=True):
+    """Load (model, tokenizer) from a local folder, a hub id or a short name.
+
+    Raises UserError saying everything that was tried when nothing loads: offline, the hub
+    client's own stack trace would hide the one fact that matters (the name was not found).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tried = []
+    for kind, where in model_candidates(name):
+        if kind == "local folder" and not os.path.isdir(where):
+            tried.append(f"{kind} '{where}' (does not exist)")
+            continue
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(where) if tokenizer else None
+        except Exception as e:  # the hub client raises many types; all mean "not here"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            tried.append(f"{kind} '{where}' ({reason[:200]})")
+            continue
+        if tok is not None and tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
+        return model.to(device), tok
+    hint = "" if os.environ.get("HF_HUB_OFFLINE") != "1" else " (HF_HUB_OFFLINE=1: only the local cache was searched)"
+    raise UserError(f"could not load model '{name}'{hint}; tried: " + "; ".join(tried))
+
+
+def eos_ids(model, tok):
+    """All token ids that end a completion: the tokenizer's eos and the generation config's."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    if not ids:
+        raise UserError("the tokenizer has no eos token: completions could never end")
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------------------
+# a tiny model and tokenizer built offline, in seconds, for tests and the CPU pipeline
+
+# Qwen2's pre-tokenizer split (digits one by one, words, punctuation runs, whitespace).
+# transformers 5 rebuilds a Qwen2 tokenizer from vocab + merges with exactly this split,
+# so we train with it too; otherwise the reloaded tokenizer would disagree with ours.
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def tiny_corpus():
+    """A little text covering what the tiny tokenizer must handle well (merges come from it)."""
+    words = ("the answer is so we get carry add subtract multiply divide sum total then "
+             "first next step result check digit number question user assistant think "
+             "reasoning process solve compute equals because therefore").split()
+    lines = []
+    for i in range(200):
+        a, b = 37 * i % 1000, 91 * i % 997
+        lines.append(f"{a} + {b} = {a + b}. {a} * {b} = {a * b}. {a} - {b} = {a - b}.")
+        lines.append(" ".join(words[(i + k) % len(words)] for k in range(8)) + ".")
+    lines.append(r"\boxed{12} \frac{1}{2} (x + y)^2 = x^2 + 2xy + y^2 % $ # , ; : ! ?")
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size=384):
+    """Train a byte-level BPE in Qwen2's layout with the `tokenizers` package; no download.
+
+    Every byte is in the alphabet, so any text round-trips; the R1 tags are single tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(tiny_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=PAD)
+    tok.add_tokens(TAGS)  # normal (not special) tokens: they must survive decoding
+    return tok
+
+
+def build_tiny_model(out_dir, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
+                     max_positions=1024, seed=0, tokenizer_dir=None):
+    """Write a freshly initialised Qwen2 model and the tiny tokenizer to out_dir.
+
+    Saved with save_pretrained and meant to be reloaded with load_model(out_dir), like any
+    real model. With tokenizer_dir the tokenizer is copied from there (a student that must
+    share its teacher's vocabulary).
+    """
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=mlp,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------
+# prompt formatting
+
+# DeepSeek-R1-Zero's template (Table 1 of the R1 paper) for base models.
+R1_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+    "process here </think> <answer> answer here </answer>. User: {prompt} Assistant:"
+)
+
+
+def format_prompt(prompt, tok, template="r1"):
+    """The text the model is given: R1-Zero template, the tokenizer's chat template, or raw.
+
+    Some chat templates (DeepSeek-R1-Distill, Qwen3) end the prompt with an opened
+    `<think>`; the completion would then never contain it and the format reward would
+    score every sample 0. We cut it off so the model writes the tag itself.
+    """
+    if template == "r1":
+        prompt = prompt.strip()
+        text = R1_TEMPLATE.format(prompt=prompt if prompt[-1:] in ".?!" else prompt + ".")
+    elif template == "chat":
+        if not getattr(tok, "chat_template", None):
+            raise UserError("--template chat: this tokenizer has no chat template; use r1 or raw")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                       add_generation_prompt=True, tokenize=False)
+    elif template == "raw":
+        text = prompt
+    else:
+        raise UserError(f"--template {template}: expected r1, chat or raw")
+    stripped = text.rstrip()
+    if stripped.endswith("<think>") and stripped.count("<think>") > stripped.count("</think>"):
+        text = stripped[: -len("<think>")]
+    return text
+
+
+# ----------------------------------------------------------------------------------------
+# sampling: G completions per prompt with a KV cache
+
+
+def left_pad(seqs, pad_id, device):
+    """List of token-id lists -> (ids, mask), both (B, L), padded on the left."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits, temperature, top_p, generator):
+    """One token per row from (N, V) logits: greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already cover top_p (keeps at least one)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
+           generator=None):
+    """Sample `group` completions for each prompt (lists of token ids), prompt-major order.
+
+    The prompt is encoded once and its KV cache repeated G times. Returns a dict:
+      ids   (P*G, T) completion tokens, pad after the end token
+      mask  (P*G, T) 1 on completion tokens up to and including the end token
+      truncated (P*G,) True when the limit was hit without an end token
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (P, Lp)
+    pos = prompt_mask.cumsum(-1) - 1  # positions ignore the left padding
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                position_ids=pos.clamp(min=0), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group)  # (P, ...) -> (P*G, ...): the prompt is encoded once
+    logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (N, V)
+    attn = prompt_mask.repeat_interleave(group, dim=0)  # (N, Lp)
+    next_pos = pos[:, -1:].repeat_interleave(group, dim=0) + 1  # (N, 1)
+    eos_t = torch.tensor(eos, device=device)
+    N = logits.shape[0]
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, masks = [], []
+    for _ in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        masks.append(~done)
+        tokens.append(tok)
+        done = done | torch.isin(tok, eos_t)
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+    model.train(was_training)
+    return {
+        "ids": torch.stack(tokens, dim=1), "mask": torch.stack(masks, dim=1).long(),
+        "truncated": ~done,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# per-token log-probs of completion tokens
+
+
+def pad_batch(prompts, completions, pad_id, device):
+    """Token-id lists -> prompt_ids, prompt_mask (B, Lp) padded on the left and
+    ids, mask (B, T) padded on the right: each micro-batch is padded only to its own lengths."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    T = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), T), dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, :len(c)] = 1
+    return prompt_ids, prompt_mask, ids.to(device), mask.to(device)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1.0,
+                        with_entropy=False):
+    """Log-probs (B, T) of completion tokens `ids` given left-padded prompts, in one forward.
+
+    Logits are divided by the sampling temperature so that the probabilities are those of
+    the distribution that was sampled. Only the T completion positions reach the LM head,
+    and log-softmax runs one sequence at a time, so at most one (T, V) float32 copy of the
+    logits exists at once. Padding positions get 0. Gradients flow unless the caller is
+    under torch.no_grad(). Returns logp, or (logp, entropy) with with_entropy.
+    """
+    T = ids.shape[1]
+    input_ids = torch.cat([prompt_ids, ids], dim=1)  # (B, Lp + T)
+    attn = torch.cat([prompt_mask, mask], dim=1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding takes no positions
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
+                   use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V)
+    logps, ents = [], []
+    for i in range(logits.shape[0]):
+        row = logits[i].float() / temperature  # (T, V)
+        lse = row.logsumexp(-1)  # (T,)
+        logps.append(row.gather(-1, ids[i, :, None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                ents.append(lse - (torch.softmax(row, -1) * row).sum(-1))
+    logp = torch.stack(logps).masked_fill(mask == 0, 0.0)
+    if not with_entropy:
+        return logp
+    return logp, torch.stack(ents).masked_fill(mask == 0, 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+
+def read_jsonl(path, required=("prompt",)):
+    """Read a jsonl file into a list of dicts; errors name the file and line.
+
+    Each record gets "_where" = "file:line" so later errors can point at it.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                if key not in row:
+                    raise UserError(f"{path}:{n}: missing field '{key}'")
+                if not isinstance(row[key], str):
+                    raise UserError(f"{path}:{n}: field '{key}' must be a string")
+            row["_where"] = f"{path}:{n}"
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no records")
+    return rows
+
+
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints: Hugging Face format, written under a temporary name and renamed
+
+
+def save_checkpoint(path, model, tok, args=None):
+    """Save model + tokenizer (+ the run's flags as args.json) to `path` atomically.
+
+    A crash while writing leaves only a `.tmp-` folder behind; `path` is either the
+    previous complete checkpoint or the new complete one, never a half-written one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    old = path.with_name(f".old-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if args is not None:
+        with open(tmp / "args.json", "w") as f:
+            json.dump(args, f, indent=2)
+    if path.exists():
+        os.replace(path, old)  # a folder cannot be replaced in place: move the old one aside
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path

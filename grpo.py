@@ -1,0 +1,477 @@
+"""GRPO (DeepSeekMath, DeepSeek-R1-Zero) on any Hugging Face causal LM, in one file.
+
+Each step: take --prompts-per-step prompts, sample --group completions for each from the
+current policy, score them with rule rewards (rewards.py), turn each reward into an
+advantage by comparing it with its own group (no value model), and maximise the clipped
+surrogate minus beta * KL to a frozen reference model (k3 estimator by default).
+
+About the logged loss: with one update per batch of samples (--num-iterations 1) the
+policy that sampled and the policy being updated are the same, so ratio = 1 and the
+surrogate's value is the mean advantage, about 0. Its gradient is not 0: it is the policy
+gradient. Watch reward, KL and grad norm to see that training happens, not the loss.
+
+Deliberate simplifications:
+- one optimizer step per pass over the batch of samples (--num-iterations passes);
+- old log-probs are the first pass's own log-probs, detached: the weights have not moved
+  yet, so they equal the sampling policy's and cost no extra forward pass;
+- top-p truncation is ignored in the log-probs (as in TRL); temperature is not;
+- one process; torchrun with several processes is refused for now.
+
+Variants are flags: Dr. GRPO (--scale none --agg seq-sum), DAPO (--clip-high 0.28
+--agg token-mean --dynamic-sampling --beta 0), truncation masking (--mask-truncated).
+
+    python grpo.py --model Qwen2.5-0.5B --group 8 --data data/gsm8k/train.jsonl
+    python grpo.py --model out/tiny --data train.jsonl --device cpu --max-new-tokens 64
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import rewards as R
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model
+    p.add_argument("--model", default="Qwen2.5-0.5B", help="local folder, hub id, or short name (Qwen2.5-0.5B)")
+    p.add_argument("--template", default="r1", choices=["r1", "chat", "raw"],
+                   help="prompt format: R1-Zero plain-text template, tokenizer chat template, or the prompt as is")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    # data
+    p.add_argument("--data", required=True, help="training prompts, jsonl with 'prompt' and 'answer'")
+    p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-every")
+    # sampling
+    p.add_argument("--group", type=int, default=8, help="completions per prompt, G (DeepSeekMath: 64)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step; P*G completions per step")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit, tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off")
+    # rewards
+    p.add_argument("--rewards", default="accuracy,format", help="comma list of rewards.py names, optional :weight")
+    # loss
+    p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference model is loaded")
+    p.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
+    p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low")
+    p.add_argument("--clip-high", type=float, default=0.2, help="ratio clipped above at 1 + clip-high (DAPO: 0.28)")
+    p.add_argument("--scale", default="std", choices=["std", "none"], help="advantage scaling; none = Dr. GRPO")
+    p.add_argument("--agg", default="seq-mean", choices=["seq-mean", "token-mean", "seq-sum"],
+                   help="loss aggregation: paper, DAPO, Dr. GRPO (divides by --max-new-tokens)")
+    p.add_argument("--num-iterations", type=int, default=1, help="updates per batch of samples (mu)")
+    p.add_argument("--mask-truncated", action="store_true", help="leave completions that hit the limit out of the loss")
+    p.add_argument("--dynamic-sampling", action="store_true",
+                   help="DAPO: drop groups with equal rewards, sample more prompts to fill the step")
+    p.add_argument("--max-sampling-rounds", type=int, default=4, help="with --dynamic-sampling: sampling rounds per step, at most")
+    p.add_argument("--ref-reset-every", type=int, default=0, help="copy the policy into the reference every N steps; 0 = never")
+    # optimisation
+    p.add_argument("--num-steps", type=int, default=100, help="training steps (one sampling round + updates each)")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="completions per forward/backward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
+    # evaluation
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate on --eval-data every N steps; with --eval-data it also runs at start and end")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per eval prompt, k of pass@1")
+    p.add_argument("--eval-prompts", type=int, default=0, help="eval prompts used; 0 = all")
+    p.add_argument("--eval-temperature", type=float, default=0.6, help="eval sampling temperature (R1: 0.6)")
+    p.add_argument("--eval-top-p", type=float, default=0.95, help="eval nucleus mass (R1: 0.95)")
+    # logging and output
+    p.add_argument("--out", default="out/grpo", help="output folder: metrics.jsonl, samples.jsonl, checkpoints")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only at the end")
+    p.add_argument("--sample-every", type=int, default=10, help="write one group's completions every N steps; 0 = never")
+    p.add_argument("--wandb-project", default=None, help="also log to this wandb project (wandb is optional)")
+    args = p.parse_args(argv)
+
+    # contradictions fail here, naming the flag, before any model is loaded
+    if args.group < 2:
+        p.error("--group must be at least 2: a group of one has no baseline to compare with")
+    for flag in ["prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size", "eval_samples"]:
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ["num_steps", "warmup_steps", "eval_every", "eval_prompts", "save_every", "sample_every", "ref_reset_every"]:
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0: greedy groups have no variance, and log-probs divide by it")
+    if not 0 < args.top_p <= 1 or not 0 < args.eval_top_p <= 1:
+        p.error("--top-p and --eval-top-p must be in (0, 1]")
+    if not 0 <= args.clip_low < 1 or args.clip_high < 0:
+        p.error("--clip-low must be in [0, 1) and --clip-high >= 0")
+    if args.beta < 0:
+        p.error("--beta must be >= 0")
+    if args.ref_reset_every and args.beta == 0:
+        p.error("--ref-reset-every needs --beta > 0: at --beta 0 no reference model is loaded")
+    if args.eval_every and not args.eval_data:
+        p.error("--eval-every needs --eval-data")
+    if args.max_sampling_rounds < 1:
+        p.error("--max-sampling-rounds must be at least 1")
+    try:
+        R.parse_rewards(args.rewards)
+    except ValueError as e:
+        p.error(f"--rewards: {e}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("several processes (torchrun) are not supported yet: run one process")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# the algorithm
+
+
+def group_advantages(rewards, group_size, scale="std", eps=1e-4):
+    """Each reward compared with its own group: (r - group mean) [/ (group std + eps)].
+
+    rewards: (N,) ordered prompt-major (the G completions of prompt 0, then prompt 1, ...).
+    scale "std" is GRPO; "none" is Dr. GRPO (no division by std, which up-weights groups
+    that are nearly all right or all wrong). std is the unbiased sample std. A group whose
+    rewards are all equal gets advantage 0: it teaches nothing.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)  # (P, G)
+    adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
+    if scale == "std":
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'std' or 'none', not {scale!r}")
+    return adv.view(-1)  # (N,)
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, beta=0.04,
+              kl="k3", agg="seq-mean", max_len=None):
+    """Negative GRPO objective on a batch of completions -> (loss, metrics).
+
+    logp, old_logp, ref_logp, mask: (B, T) per-token log-probs under the policy (with grad),
+    the sampling policy, the reference (None when beta is 0), and 1 on completion tokens.
+    adv: (B,) one advantage per completion, shared by all its tokens.
+    """
+    mask = mask.bool()
+    ratio = torch.exp(logp - old_logp)  # (B, T); = 1 in value when mu = 1, but not in gradient
+    a = adv[:, None].to(logp.dtype)  # (B, 1)
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = -torch.min(ratio * a, clipped * a)  # (B, T); pessimistic bound, as in PPO
+    kl_tok = torch.zeros_like(logp)
+    if beta > 0:
+        d = ref_logp - logp  # (B, T) log(pi_ref / pi_theta)
+        if kl == "k1":
+            kl_tok = -d  # log(pi_theta / pi_ref): unbiased, can be negative
+        elif kl == "k2":
+            kl_tok = 0.5 * d ** 2
+        elif kl == "k3":
+            kl_tok = torch.exp(d) - d - 1  # DeepSeekMath's estimator: unbiased and >= 0
+        else:
+            raise ValueError(f"kl must be k1, k2 or k3, not {kl!r}")
+        per_token = per_token + beta * kl_tok
+    per_token = torch.where(mask, per_token, 0.0)  # padding and masked completions: no gradient
+    n_tok = mask.sum(1)  # (B,)
+    n_seq = (n_tok > 0).sum().clamp(min=1)  # completions that take part
+    if agg == "seq-mean":  # GRPO: mean over each completion's tokens, then over completions
+        loss = (per_token.sum(1) / n_tok.clamp(min=1)).sum() / n_seq
+    elif agg == "token-mean":  # DAPO: every token of the batch weighs the same
+        loss = per_token.sum() / n_tok.sum().clamp(min=1)
+    elif agg == "seq-sum":  # Dr. GRPO: token sums over a constant, no length normalisation
+        if not max_len:
+            raise ValueError("agg 'seq-sum' needs max_len")
+        loss = (per_token.sum(1) / max_len).sum() / n_seq
+    else:
+        raise ValueError(f"agg must be seq-mean, token-mean or seq-sum, not {agg!r}")
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        was_clipped = ((ratio > 1 + clip_high) & (a > 0)) | ((ratio < 1 - clip_low) & (a < 0))
+        metrics = {
+            "kl": (kl_tok * mask).sum() / n,
+            "clip": (was_clipped & mask).sum() / n,
+            "ratio": (ratio * mask).sum() / n,
+        }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------
+# data order, sampling and scoring
+
+
+def next_prompts(num_examples, state, k, seed):
+    """k example indices from a seeded per-epoch shuffle; state {"epoch", "pos"} is advanced."""
+    out = []
+    while len(out) < k:
+        order = np.random.default_rng(seed + state["epoch"]).permutation(num_examples)
+        take = order[state["pos"]: state["pos"] + k - len(out)].tolist()
+        out += take
+        state["pos"] += len(take)
+        if state["pos"] >= num_examples:
+            state["epoch"], state["pos"] = state["epoch"] + 1, 0
+    return out
+
+
+def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p,
+            eos, rewards, generator, warn=print):
+    """Sample `group` completions per example and score them -> list of per-completion dicts."""
+    out = common.sample(model, prompt_ids, group, max_new_tokens, eos, tok.pad_token_id,
+                        temperature, top_p, generator)
+    lengths = out["mask"].sum(1).tolist()
+    ids, truncated = out["ids"].tolist(), out["truncated"].tolist()
+    rows = []
+    for i in range(len(ids)):
+        ex = examples[i // group]
+        completion = ids[i][: lengths[i]]
+        text = tok.decode(completion, skip_special_tokens=True)
+        total, parts, errors = R.score(text, ex, rewards)
+        for e in errors:
+            warn(f"warning: {ex.get('_where', '?')}: {e}")
+        rows.append({"prompt": prompt_ids[i // group], "completion": completion, "text": text,
+                     "truncated": truncated[i], "reward": total, "parts": parts, "example": ex})
+    return rows
+
+
+def evaluate(model, tok, examples, prompt_ids, args, eos, generator):
+    """pass@1 over k samples (R1's protocol), format rate and mean length on held-out prompts."""
+    acc, fmt, length, n = 0.0, 0.0, 0.0, 0
+    checks = R.parse_rewards("accuracy,format")
+    for s in range(0, len(examples), args.prompts_per_step):
+        rows = rollout(model, tok, examples[s:s + args.prompts_per_step], prompt_ids[s:s + args.prompts_per_step],
+                       args.eval_samples, args.max_new_tokens, args.eval_temperature, args.eval_top_p,
+                       eos, checks, generator, warn=tqdm.write)
+        for r in rows:
+            acc, fmt, length, n = acc + r["parts"]["accuracy"], fmt + r["parts"]["format"], length + len(r["completion"]), n + 1
+    return {"eval_pass@1": acc / n, "eval_format": fmt / n, "eval_len": length / n}
+
+
+def load_prompts(path, tok, template, max_new_tokens, context, need_answer):
+    """Read a jsonl file and tokenize its prompts; a prompt that cannot fit is an error naming its line."""
+    examples = common.read_jsonl(path, required=("prompt", "answer") if need_answer else ("prompt",))
+    ids = []
+    for ex in examples:
+        text = common.format_prompt(ex["prompt"], tok, template)
+        # chat templates already contain the model's begin-of-text token
+        ids.append(tok(text, add_special_tokens=template != "chat")["input_ids"])
+        if context and len(ids[-1]) + max_new_tokens > context:
+            raise common.UserError(f"{ex['_where']}: the prompt is {len(ids[-1])} tokens; with --max-new-tokens "
+                                   f"{max_new_tokens} it does not fit the model's context of {context} tokens")
+    return examples, ids
+
+
+# ----------------------------------------------------------------------------------------
+# training
+
+
+def train(args):
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(args.dtype, device)
+    os.makedirs(args.out, exist_ok=True)
+    rewards = R.parse_rewards(args.rewards)
+    P, G = args.prompts_per_step, args.group
+    num_micro = math.ceil(P * G / args.micro_batch_size)
+    print(f"{P} prompts x {G} completions = {P * G} per step, {num_micro} micro-batches of "
+          f"{args.micro_batch_size}, {args.num_iterations} update(s) per step, {args.num_steps} steps "
+          f"on {device} in {str(dtype).removeprefix('torch.')}")
+
+    # model and data
+    model, tok = common.load_model(args.model, device, dtype)
+    eos = common.eos_ids(model, tok)
+    context = getattr(model.config, "max_position_embeddings", None)
+    need_answer = any(name == "accuracy" for name, _, _ in rewards)
+    examples, prompt_ids = load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need_answer)
+    eval_examples, eval_ids = [], []
+    if args.eval_data:
+        eval_examples, eval_ids = load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context, True)
+        if args.eval_prompts:
+            eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
+    print(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
+    ref = None
+    if args.beta > 0:  # a frozen copy of the initial policy; none at all when beta is 0
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    data_state = {"epoch": 0, "pos": 0}
+
+    # logging
+    flags = vars(args)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(flags, f, indent=2)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    common.append_jsonl(metrics_path, {"args": flags})
+    wandb = None
+    if args.wandb_project:
+        import wandb  # optional dependency, imported only when asked for
+        wandb.init(project=args.wandb_project, config=flags)
+    last_warned = {}
+
+    def warn_every(key, step, message, every=20):
+        if step - last_warned.get(key, -every) >= every:
+            last_warned[key] = step
+            tqdm.write(f"warning: {message}")
+
+    def log(step, record):
+        common.append_jsonl(metrics_path, record)
+        if wandb:
+            wandb.log(record, step=step)
+
+    def run_eval(step):
+        ev = evaluate(model, tok, eval_examples, eval_ids, args, eos, generator)
+        log(step, {"step": step, **ev})
+        tqdm.write(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
+                   f" | len {ev['eval_len']:.0f}")
+
+    if eval_examples:
+        run_eval(0)
+
+    history = []
+    for step in tqdm(range(1, args.num_steps + 1), desc="grpo", dynamic_ncols=True):
+        t0 = time.time()
+        if ref is not None and args.ref_reset_every and step > 1 and (step - 1) % args.ref_reset_every == 0:
+            ref.load_state_dict(model.state_dict())  # DeepSeekMath's iterative RL: new reference
+
+        # 1. sample and score; with dynamic sampling keep only groups with reward variance
+        sampled, batch, rounds = [], [], 0
+        while len(batch) < P * G and rounds < (args.max_sampling_rounds if args.dynamic_sampling else 1):
+            rounds += 1
+            idx = next_prompts(len(examples), data_state, P, args.seed)
+            rows = rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
+                           args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
+                           warn=tqdm.write)
+            sampled += rows
+            for g in range(P):
+                group = rows[g * G:(g + 1) * G]
+                informative = len({r["reward"] for r in group}) > 1
+                if (informative or not args.dynamic_sampling) and len(batch) < P * G:
+                    batch += group
+        t_sample = time.time() - t0
+
+        # 2. advantages, per group; every token of a completion gets its completion's advantage
+        rewards_t = torch.tensor([r["reward"] for r in sampled])  # (rounds * P * G,)
+        zero_var = (rewards_t.view(-1, G).std(dim=1) == 0).float().mean().item()
+        record = {"step": step, "reward": rewards_t.mean().item()}
+        for name, _, _ in rewards:
+            record[name] = float(np.mean([r["parts"][name] for r in sampled]))
+        record["len"] = float(np.mean([len(r["completion"]) for r in sampled]))
+        record["trunc"] = float(np.mean([r["truncated"] for r in sampled]))
+        record["zero_var"] = zero_var
+        if args.dynamic_sampling:
+            record["rounds"], record["groups"] = rounds, len(batch) // G
+
+        # 3. the update: --num-iterations passes over the batch, one optimizer step each
+        sums = {"kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
+        n_tok_logged, gnorm = 0, float("nan")
+        lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        if batch:
+            adv = group_advantages(torch.tensor([r["reward"] for r in batch]), G, args.scale).to(device)  # (B,)
+            use = [not (args.mask_truncated and r["truncated"]) for r in batch]
+            # the loss of each micro-batch is weighted so that the sum over micro-batches is the
+            # loss of the whole batch under the chosen aggregation
+            total_tok = sum(len(r["completion"]) for r, u in zip(batch, use) if u)
+            total_seq = sum(use)
+            # sort by length so micro-batches hold completions of similar length: less padding
+            order = sorted(range(len(batch)), key=lambda i: len(batch[i]["completion"]))
+            micro = [order[s:s + args.micro_batch_size] for s in range(0, len(order), args.micro_batch_size)]
+
+            def tensors(ix):
+                p_ids, p_mask, ids, mask = common.pad_batch([batch[i]["prompt"] for i in ix],
+                                                            [batch[i]["completion"] for i in ix],
+                                                            tok.pad_token_id, device)
+                keep = torch.tensor([use[i] for i in ix], device=device)
+                return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
+
+            ref_logps = [None] * len(micro)
+            if ref is not None:
+                with torch.inference_mode():
+                    for j, ix in enumerate(micro):
+                        ref_logps[j] = common.completion_logprobs(ref, *tensors(ix), args.temperature)
+            old_logps = [None] * len(micro)
+            for it in range(args.num_iterations if total_seq else 0):
+                opt.zero_grad(set_to_none=True)
+                for j, ix in enumerate(micro):
+                    p_ids, p_mask, ids, mask = tensors(ix)
+                    logp, ent = common.completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
+                                                           with_entropy=True)
+                    if it == 0:  # pi_old: the weights that sampled, not yet updated
+                        old_logps[j] = logp.detach()
+                    loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low,
+                                        args.clip_high, args.beta, args.kl, args.agg, args.max_new_tokens)
+                    n_tok = int(mask.sum())
+                    share = n_tok / total_tok if args.agg == "token-mean" else int((mask.sum(1) > 0).sum()) / total_seq
+                    (loss * share).backward()
+                    for k in ["kl", "clip", "ratio"]:
+                        sums[k] += m[k].item() * n_tok
+                    sums["entropy"] += (ent * mask).sum().item()
+                    n_tok_logged += n_tok
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+                if not math.isfinite(gnorm):
+                    tqdm.write(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                opt.step()
+        for k in sums:
+            record[k] = sums[k] / max(n_tok_logged, 1)
+        record["gnorm"], record["lr"] = gnorm, lr
+        seconds = time.time() - t0
+        record["tok/s"] = sum(len(r["completion"]) for r in sampled) / seconds
+        record["sample_s"], record["s"] = t_sample, seconds
+
+        # 4. log: one line, one jsonl record, a few completions to read, warnings
+        line = f"step {step}/{args.num_steps} | reward {record['reward']:.3f}"
+        line += "".join(f" | {name} {record[name]:.3f}" for name, _, _ in rewards)
+        line += (f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {zero_var:.2f}"
+                 f" | kl {record['kl']:.4f} | clip {record['clip']:.3f} | ent {record['entropy']:.2f}"
+                 f" | gnorm {gnorm:.3f} | lr {lr:.1e} | {record['tok/s']:.0f} tok/s | {seconds:.1f}s")
+        tqdm.write(line)
+        log(step, record)
+        history.append(record)
+        if record["trunc"] > 0.5:
+            warn_every("trunc", step, f"{record['trunc']:.0%} of completions hit --max-new-tokens "
+                       f"{args.max_new_tokens} without ending; their rewards are usually 0: raise the limit")
+        if zero_var > 0.5:
+            warn_every("zero_var", step, f"{zero_var:.0%} of groups have equal rewards and teach nothing: "
+                       "the task is too hard or too easy; try a larger --group or --dynamic-sampling")
+        if args.sample_every and step % args.sample_every == 0:
+            for r in sampled[:G]:
+                common.append_jsonl(os.path.join(args.out, "samples.jsonl"), {
+                    "step": step, "prompt": r["example"]["prompt"], "answer": r["example"].get("answer"),
+                    "completion": r["text"], "reward": r["reward"], "truncated": r["truncated"]})
+
+        # 5. evaluate and save on their cadence, and at the end
+        last = step == args.num_steps
+        if eval_examples and (last or (args.eval_every and step % args.eval_every == 0)):
+            run_eval(step)
+        if (args.save_every and step % args.save_every == 0) or last:
+            path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags)
+            tqdm.write(f"saved {path}")
+    if wandb:
+        wandb.finish()
+    return history
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        return train(args)
+    except common.UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
