@@ -63,17 +63,14 @@ HUB_ORGS = [
 
 def model_candidates(name):
     """Where a model name may live, in the order they are tried: [(kind, where), ...]."""
-    out = []
     if os.path.isdir(name) or name.startswith((".", "/", "~")):
         return [("local folder", os.path.expanduser(name))]
     if "/" in name:
         return [("hub id", name)]
     for prefix, org in HUB_ORGS:
         if name.lower().startswith(prefix):
-            out.append(("hub id", f"{org}/{name}"))
-            break
-    out.append(("hub id", name))
-    return out
+            return [("hub id", f"{org}/{name}")]
+    return [("hub id", name)]  # an id without an organisation, like "gpt2"
 
 
 def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=True):
@@ -86,21 +83,24 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     tried = []
     for kind, where in model_candidates(name):
         if kind == "local folder" and not os.path.isdir(where):
             tried.append(f"{kind} '{where}' (does not exist)")
             continue
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(where) if tokenizer else None
-        except Exception as e:  # the hub client raises many types; all mean "not here"
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            tried.append(f"{kind} '{where}' ({reason[:200]})")
-            continue
-        if tok is not None and tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
-        return model.to(device), tok
+        # the local cache first (instant, and it works offline), then the hub, which retries
+        for local_only in [True] if offline or kind == "local folder" else [True, False]:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local_only)
+                tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only) if tokenizer else None
+            except Exception as e:  # the hub client raises many types; all mean "not here"
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                continue
+            if tok is not None and tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
+            return model.to(device), tok
+        tried.append(f"{kind} '{where}' ({reason[:200]})")
     hint = "" if os.environ.get("HF_HUB_OFFLINE") != "1" else " (HF_HUB_OFFLINE=1: only the local cache was searched)"
     raise UserError(f"could not load model '{name}'{hint}; tried: " + "; ".join(tried))
 

@@ -66,7 +66,7 @@ def get_args(argv=None):
     # loss
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference model is loaded")
     p.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
-    p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low")
+    p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low; >= 1 = never")
     p.add_argument("--clip-high", type=float, default=0.2, help="ratio clipped above at 1 + clip-high (DAPO: 0.28)")
     p.add_argument("--scale", default="std", choices=["std", "none"], help="advantage scaling; none = Dr. GRPO")
     p.add_argument("--agg", default="seq-mean", choices=["seq-mean", "token-mean", "seq-sum"],
@@ -111,8 +111,8 @@ def get_args(argv=None):
         p.error("--temperature must be > 0: greedy groups have no variance, and log-probs divide by it")
     if not 0 < args.top_p <= 1 or not 0 < args.eval_top_p <= 1:
         p.error("--top-p and --eval-top-p must be in (0, 1]")
-    if not 0 <= args.clip_low < 1 or args.clip_high < 0:
-        p.error("--clip-low must be in [0, 1) and --clip-high >= 0")
+    if args.clip_low < 0 or args.clip_high < 0:
+        p.error("--clip-low and --clip-high must be >= 0 (R1 uses 10: no clipping in practice)")
     if args.beta < 0:
         p.error("--beta must be >= 0")
     if args.ref_reset_every and args.beta == 0:

@@ -1,0 +1,42 @@
+"""Fixtures shared by the tests: a tiny model built once per session, offline."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+# tests never touch the network, and import the project's top-level modules
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(1)  # repeatable float sums, and CI has 2 cores
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A freshly initialised 2-layer Qwen2 model and its locally trained tokenizer, on disk."""
+    return common.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    model, tok = common.load_model(tiny_dir)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def sharp(tiny):
+    """The tiny model with its weights scaled by 3. A fresh random model's greedy tokens hardly
+    depend on the context (the last token's embedding dominates), so a test of the context
+    handling (padding, cache, positions) would pass even when that handling is broken."""
+    import copy
+
+    model, tok = tiny
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in sharp.parameters():
+            p.mul_(3.0)
+    return sharp, tok

@@ -1,0 +1,203 @@
+"""grpo.py end to end on the tiny model: outputs, checkpoints, the update's bookkeeping, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import common
+import grpo
+import rewards as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digits(completion, example):
+    """A toy reward a random tiny model can learn in a few steps: the share of digit characters."""
+    return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(R.REWARDS, "digits", digits)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(40):
+            a, b = (7 * i) % 23, (5 * i) % 19
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+    with open(d / "test.jsonl", "w") as f:
+        for a, b in [(3, 4), (10, 12), (8, 8)]:
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+    return d
+
+
+def run(tiny_dir, data, out, *extra):
+    argv = ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
+            "--prompts-per-step", "4", "--group", "8", "--max-new-tokens", "8", "--lr", "1e-2",
+            "--micro-batch-size", "32", "--sample-every", "0", *extra]
+    return grpo.main(argv)
+
+
+def weights(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+# ------------------------------------------------------------------------- outputs
+
+def test_run_writes_metrics_samples_and_loadable_checkpoints(tiny_dir, data, tmp_path, toy):
+    out = tmp_path / "run"
+    run(tiny_dir, data, out, "--num-steps", "3", "--rewards", "digits,format:0.5", "--save-every", "2",
+        "--sample-every", "1", "--eval-data", str(data / "test.jsonl"), "--eval-every", "2", "--eval-samples", "2")
+    lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert lines[0]["args"]["rewards"] == "digits,format:0.5"
+    steps = [l for l in lines if "reward" in l]
+    evals = [l for l in lines if "eval_pass@1" in l]
+    assert [l["step"] for l in steps] == [1, 2, 3]
+    assert [l["step"] for l in evals] == [0, 2, 3]  # at start, on the cadence, at the end
+    for key in ["reward", "digits", "format", "len", "trunc", "zero_var", "kl", "clip", "ratio", "entropy",
+                "gnorm", "lr", "tok/s", "s"]:
+        assert key in steps[0], key
+    for l in steps:  # the total is the weighted sum of the parts
+        assert l["reward"] == pytest.approx(l["digits"] + 0.5 * l["format"])
+        assert 0 <= l["trunc"] <= 1 and 1 <= l["len"] <= 8
+    samples = [json.loads(l) for l in open(out / "samples.jsonl")]
+    assert len(samples) == 3 * 8 and {"prompt", "completion", "reward", "truncated"} <= set(samples[0])
+    assert sorted(p for p in os.listdir(out) if p.startswith("step")) == ["step-000002", "step-000003"]
+    assert json.load(open(out / "step-000003" / "args.json"))["num_steps"] == 3
+    before, after = weights(tiny_dir), weights(out / "step-000003")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+
+
+def test_reward_moves_on_a_learnable_task(tiny_dir, data, tmp_path, toy):
+    history = run(tiny_dir, data, tmp_path / "run", "--num-steps", "20", "--rewards", "digits", "--beta", "0.04")
+    start = sum(h["reward"] for h in history[:3]) / 3
+    end = sum(h["reward"] for h in history[-3:]) / 3
+    assert start < 0.1 and end > 0.5, (start, end)
+    assert max(h["kl"] for h in history) > 0  # the policy moved away from the reference
+
+
+@pytest.mark.parametrize("agg", ["seq-mean", "token-mean", "seq-sum"])
+def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_dir, data, tmp_path, toy, monkeypatch, agg):
+    """The per-micro-batch weights make gradient accumulation exact for every aggregation.
+
+    AdamW's first step is about lr * sign(gradient), which float noise can flip; with plain SGD
+    at lr 1 the change of the weights is the gradient itself, so that is what we compare.
+    """
+    monkeypatch.setattr(grpo.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=1.0))
+    flags = ["--num-steps", "1", "--rewards", "digits", "--agg", agg, "--beta", "0.04", "--grad-clip", "0"]
+    run(tiny_dir, data, tmp_path / "one", *flags, "--micro-batch-size", "32")
+    run(tiny_dir, data, tmp_path / "many", *flags, "--micro-batch-size", "5")
+    init = weights(tiny_dir)
+    a, b = weights(tmp_path / "one" / "step-000001"), weights(tmp_path / "many" / "step-000001")
+    for k in a:
+        ga, gb = init[k] - a[k], init[k] - b[k]
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-7), k
+    assert any(ga.abs().max() > 1e-4 for ga in (init[k] - a[k] for k in a))
+
+
+def test_num_iterations_reuses_sampling_logprobs_as_old(tiny_dir, data, tmp_path, toy):
+    h1 = run(tiny_dir, data, tmp_path / "mu1", "--num-steps", "2", "--rewards", "digits")
+    h3 = run(tiny_dir, data, tmp_path / "mu3", "--num-steps", "2", "--rewards", "digits", "--num-iterations", "3")
+    assert all(h["ratio"] == pytest.approx(1.0, abs=1e-6) and h["clip"] == 0 for h in h1)
+    # passes 2 and 3 see a moved policy against the fixed sampling-time log-probs
+    assert all(abs(h["ratio"] - 1) > 1e-5 for h in h3)
+
+
+def test_mask_truncated_drops_completions_from_the_loss(tiny_dir, data, tmp_path, toy, monkeypatch):
+    seen = []
+    real = common.completion_logprobs
+    monkeypatch.setattr(common, "completion_logprobs", lambda m, p, pm, ids, mask, *a, **k:
+                        seen.append((ids, mask)) or real(m, p, pm, ids, mask, *a, **k))
+    h = run(tiny_dir, data, tmp_path / "run", "--num-steps", "1", "--rewards", "digits", "--mask-truncated",
+            "--beta", "0")
+    eos = common.load_model(tiny_dir)[1].eos_token_id
+    ended = [bool((ids[i] == eos).any()) for ids, _ in seen for i in range(len(ids))]
+    used = [bool(mask[i].any()) for _, mask in seen for i in range(len(mask))]
+    assert used == ended  # a completion takes part in the loss exactly when it ended
+    assert 0 < h[0]["trunc"] < 1 and sum(used) == round(32 * (1 - h[0]["trunc"]))
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_variance(tiny_dir, data, tmp_path, monkeypatch):
+    # prompts with an odd answer get a constant reward: their groups carry no signal
+    monkeypatch.setitem(R.REWARDS, "half", lambda c, ex: 0.0 if int(ex["answer"]) % 2 else digits(c, ex))
+    seen = []
+    real = grpo.group_advantages
+    monkeypatch.setattr(grpo, "group_advantages", lambda r, g, s: seen.append(r.view(-1, g)) or real(r, g, s))
+    h = run(tiny_dir, data, tmp_path / "run", "--num-steps", "3", "--rewards", "half", "--dynamic-sampling",
+            "--max-sampling-rounds", "6")
+    for groups in seen:
+        assert (groups.std(dim=1) > 0).all()  # every group that reached the loss is informative
+    assert all(r["groups"] == 4 for r in h) and any(r["rounds"] > 1 for r in h)
+    assert all(r["zero_var"] > 0 for r in h)  # logged over everything sampled, before the filter
+
+
+def test_ref_reset_copies_the_policy_into_the_reference(tiny_dir, data, tmp_path, toy):
+    keep = run(tiny_dir, data, tmp_path / "keep", "--num-steps", "3", "--rewards", "digits")
+    reset = run(tiny_dir, data, tmp_path / "reset", "--num-steps", "3", "--rewards", "digits", "--ref-reset-every", "1")
+    assert keep[0]["kl"] == 0 and keep[2]["kl"] > 0  # step 1 starts from the reference itself
+    assert all(r["kl"] == pytest.approx(0, abs=1e-7) for r in reset)  # the reference is the step's own policy
+
+
+# ------------------------------------------------------------------------- bad input
+
+def fails(capsys, tiny_dir, data, tmp_path, *argv):
+    with pytest.raises(SystemExit) as e:
+        run(tiny_dir, data, tmp_path / "bad", *argv)
+    assert e.value.code not in (0, None)
+    return (e.value.code if isinstance(e.value.code, str) else "") + capsys.readouterr().err
+
+
+def test_unknown_model_missing_file_malformed_line(capsys, tiny_dir, data, tmp_path):
+    msg = fails(capsys, "Qwen2.5-no-such-size", data, tmp_path)
+    assert "could not load model 'Qwen2.5-no-such-size'" in msg and "Qwen/Qwen2.5-no-such-size" in msg
+    msg = fails(capsys, tiny_dir, data, tmp_path, "--data", str(tmp_path / "missing.jsonl"))
+    assert "missing.jsonl: no such file" in msg
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4",}\n')
+    assert "bad.jsonl:2: not valid JSON" in fails(capsys, tiny_dir, data, tmp_path, "--data", str(bad))
+    bad.write_text('{"prompt": "1+1"}\n')
+    assert "bad.jsonl:1: missing field 'answer'" in fails(capsys, tiny_dir, data, tmp_path, "--data", str(bad))
+
+
+def test_prompt_longer_than_the_context(capsys, tiny_dir, data, tmp_path):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "1", "answer": "1"}) + "\n" + json.dumps({"prompt": "7 " * 900, "answer": "7"}) + "\n")
+    msg = fails(capsys, tiny_dir, data, tmp_path, "--data", str(long))
+    assert "long.jsonl:2: the prompt is" in msg and "--max-new-tokens" in msg and "1024" in msg
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--ref-reset-every", "5", "--beta", "0"], "--ref-reset-every"),
+    (["--group", "1"], "--group"),
+    (["--eval-every", "2"], "--eval-every"),
+    (["--rewards", "accuracy,bogus"], "unknown reward 'bogus'"),
+    (["--rewards", "accuracy:heavy"], "--rewards"),
+    (["--temperature", "0"], "--temperature"),
+    (["--clip-low", "-0.1"], "--clip-low"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--agg", "sum"], "--agg"),
+])
+def test_contradictory_or_wrong_flags_name_the_flag(capsys, tiny_dir, data, tmp_path, flags, named):
+    assert named in fails(capsys, tiny_dir, data, tmp_path, *flags)
+
+
+def test_command_line(tiny_dir, data, tmp_path):
+    """The real command: exit 0 with a checkpoint; a bad flag exits non-zero with one line, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--model", tiny_dir, "--data", str(data / "train.jsonl"),
+           "--out", str(tmp_path / "cli"), "--num-steps", "1", "--prompts-per-step", "2", "--group", "2",
+           "--max-new-tokens", "4", "--device", "cpu"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "step 1/1 | reward" in ok.stderr + ok.stdout and (tmp_path / "cli" / "step-000001" / "config.json").exists()
+    bad = subprocess.run(cmd + ["--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode != 0 and "nope.jsonl: no such file" in bad.stderr and "Traceback" not in bad.stderr
