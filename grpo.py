@@ -49,8 +49,8 @@ def get_args(argv=None):
     p.add_argument("--template", default="r1", choices=["r1", "chat", "raw"],
                    help="prompt format: R1-Zero plain-text template, tokenizer chat template, or the prompt as is")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (weights and optimizer stay float32); auto = bfloat16 on CUDA, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     # data
     p.add_argument("--data", required=True, help="training prompts, jsonl with 'prompt' and 'answer'")
@@ -279,6 +279,7 @@ def train(args):
     dtype = common.pick_dtype(args.dtype, device)
     os.makedirs(args.out, exist_ok=True)
     rewards = R.parse_rewards(args.rewards)
+    rewards_names = [name for name, _, _ in rewards]
     P, G = args.prompts_per_step, args.group
     num_micro = math.ceil(P * G / args.micro_batch_size)
     print(f"{P} prompts x {G} completions = {P * G} per step, {num_micro} micro-batches of "
@@ -286,10 +287,14 @@ def train(args):
           f"on {device} in {str(dtype).removeprefix('torch.')}")
 
     # model and data
-    model, tok = common.load_model(args.model, device, dtype)
+    model, tok = common.load_model(args.model, device, torch.float32)  # master weights; dtype is for compute
+
+    def amp():
+        return common.autocast(device, dtype)
+
     eos = common.eos_ids(model, tok)
     context = getattr(model.config, "max_position_embeddings", None)
-    need_answer = any(name == "accuracy" for name, _, _ in rewards)
+    need_answer = "accuracy" in rewards_names
     examples, prompt_ids = load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need_answer)
     eval_examples, eval_ids = [], []
     if args.eval_data:
@@ -298,10 +303,11 @@ def train(args):
             eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
     print(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
     ref = None
-    if args.beta > 0:  # a frozen copy of the initial policy; none at all when beta is 0
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.beta > 0:  # a frozen copy of the initial policy, in the compute dtype; none when beta is 0
+        ref = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    if args.grad_checkpointing:  # the method's name changed within transformers 5
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -330,7 +336,8 @@ def train(args):
             wandb.log(record, step=step)
 
     def run_eval(step):
-        ev = evaluate(model, tok, eval_examples, eval_ids, args, eos, generator)
+        with amp():
+            ev = evaluate(model, tok, eval_examples, eval_ids, args, eos, generator)
         log(step, {"step": step, **ev})
         tqdm.write(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
                    f" | len {ev['eval_len']:.0f}")
@@ -349,9 +356,10 @@ def train(args):
         while len(batch) < P * G and rounds < (args.max_sampling_rounds if args.dynamic_sampling else 1):
             rounds += 1
             idx = next_prompts(len(examples), data_state, P, args.seed)
-            rows = rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
-                           args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
-                           warn=tqdm.write)
+            with amp():
+                rows = rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
+                               args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
+                               warn=tqdm.write)
             sampled += rows
             for g in range(P):
                 group = rows[g * G:(g + 1) * G]
@@ -366,6 +374,10 @@ def train(args):
         record = {"step": step, "reward": rewards_t.mean().item()}
         for name, _, _ in rewards:
             record[name] = float(np.mean([r["parts"][name] for r in sampled]))
+        if "accuracy" not in record and all("answer" in r["example"] for r in sampled):
+            # accuracy is logged even when it is not trained on (for example --rewards format)
+            check = R.parse_rewards("accuracy")
+            record["accuracy"] = float(np.mean([R.score(r["text"], r["example"], check)[0] for r in sampled]))
         record["len"] = float(np.mean([len(r["completion"]) for r in sampled]))
         record["trunc"] = float(np.mean([r["truncated"] for r in sampled]))
         record["zero_var"] = zero_var
@@ -398,7 +410,7 @@ def train(args):
 
             ref_logps = [None] * len(micro)
             if ref is not None:
-                with torch.inference_mode():
+                with torch.inference_mode(), amp():
                     for j, ix in enumerate(micro):
                         ref_logps[j] = common.completion_logprobs(ref, *tensors(ix), args.temperature)
             old_logps = [None] * len(micro)
@@ -406,8 +418,9 @@ def train(args):
                 opt.zero_grad(set_to_none=True)
                 for j, ix in enumerate(micro):
                     p_ids, p_mask, ids, mask = tensors(ix)
-                    logp, ent = common.completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
-                                                           with_entropy=True)
+                    with amp():
+                        logp, ent = common.completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
+                                                               with_entropy=True)
                     if it == 0:  # pi_old: the weights that sampled, not yet updated
                         old_logps[j] = logp.detach()
                     loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low,
@@ -434,7 +447,8 @@ def train(args):
 
         # 4. log: one line, one jsonl record, a few completions to read, warnings
         line = f"step {step}/{args.num_steps} | reward {record['reward']:.3f}"
-        line += "".join(f" | {name} {record[name]:.3f}" for name, _, _ in rewards)
+        shown = rewards_names + ([] if "accuracy" in rewards_names else ["accuracy"])
+        line += "".join(f" | {name} {record[name]:.3f}" for name in shown if name in record)
         line += (f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {zero_var:.2f}"
                  f" | kl {record['kl']:.4f} | clip {record['clip']:.3f} | ent {record['entropy']:.2f}"
                  f" | gnorm {gnorm:.3f} | lr {lr:.1e} | {record['tok/s']:.0f} tok/s | {seconds:.1f}s")

@@ -103,6 +103,43 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_dir, data, tmp_p
     assert any(ga.abs().max() > 1e-4 for ga in (init[k] - a[k] for k in a))
 
 
+def test_grad_checkpointing_gives_the_same_gradient(tiny_dir, data, tmp_path, toy, monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2
+
+    monkeypatch.setattr(grpo.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=1.0))
+    calls = []
+    real = modeling_qwen2.Qwen2MLP.forward  # inside the checkpointed layer (patching the layer would unwrap it)
+    monkeypatch.setattr(modeling_qwen2.Qwen2MLP, "forward",
+                        lambda self, *a, **k: calls.append(torch.is_grad_enabled()) or real(self, *a, **k))
+    flags = ["--num-steps", "1", "--rewards", "digits", "--grad-clip", "0", "--micro-batch-size", "8", "--beta", "0"]
+    run(tiny_dir, data, tmp_path / "plain", *flags)
+    plain_calls, calls[:] = len(calls), []
+    run(tiny_dir, data, tmp_path / "ckpt", *flags, "--grad-checkpointing")
+    assert len(calls) == plain_calls + 4 * 2  # each of 4 micro-batches runs its 2 layers again in backward
+    a, b = weights(tmp_path / "plain" / "step-000001"), weights(tmp_path / "ckpt" / "step-000001")
+    init = weights(tiny_dir)
+    for k in a:
+        assert torch.allclose(init[k] - a[k], init[k] - b[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_bf16_compute_keeps_float32_weights_that_train(tiny_dir, data, tmp_path, toy):
+    h = run(tiny_dir, data, tmp_path / "bf16", "--num-steps", "2", "--rewards", "digits", "--dtype", "bfloat16",
+            "--lr", "1e-6")
+    after = weights(tmp_path / "bf16" / "step-000002")
+    before = weights(tiny_dir)
+    assert all(v.dtype == torch.float32 for v in after.values())
+    # a 1e-6 step is below bf16's resolution: it survives only because the weights are float32
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(h_["gnorm"] > 0 for h_ in h)
+
+
+def test_warmup_and_accuracy_logged_when_not_trained_on(tiny_dir, data, tmp_path, toy):
+    h = run(tiny_dir, data, tmp_path / "run", "--num-steps", "5", "--rewards", "digits", "--warmup-steps", "4",
+            "--lr", "1e-3", "--beta", "0")
+    assert [r["lr"] for r in h] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert all(r["accuracy"] == 0.0 for r in h)  # a random model is never right, and it is still measured
+
+
 def test_num_iterations_reuses_sampling_logprobs_as_old(tiny_dir, data, tmp_path, toy):
     h1 = run(tiny_dir, data, tmp_path / "mu1", "--num-steps", "2", "--rewards", "digits")
     h3 = run(tiny_dir, data, tmp_path / "mu3", "--num-steps", "2", "--rewards", "digits", "--num-iterations", "3")
