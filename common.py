@@ -29,9 +29,15 @@ class UserError(Exception):
 
 def pick_device(name="auto"):
     if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise UserError(f"--device {name}: no such CUDA device on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: MPS is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -111,6 +117,9 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
                 continue
             if tok is not None and tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
+            for m in model.modules():  # RL compares log-probs of the same weights: dropout would add noise
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
             return model.to(device), tok
         tried.append(f"{kind} '{where}' ({reason[:200]})")
     hint = "" if os.environ.get("HF_HUB_OFFLINE") != "1" else " (HF_HUB_OFFLINE=1: only the local cache was searched)"
@@ -301,13 +310,13 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
     N = logits.shape[0]
     done = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, masks = [], []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         masks.append(~done)
         tokens.append(tok)
         done = done | torch.isin(tok, eos_t)
-        if done.all():
+        if done.all() or t == max_new_tokens - 1:  # no forward pass whose logits go unused
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
@@ -379,8 +388,12 @@ def read_jsonl(path, required=("prompt",)):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -392,8 +405,10 @@ def read_jsonl(path, required=("prompt",)):
             for key in required:
                 if key not in row:
                     raise UserError(f"{path}:{n}: missing field '{key}'")
+                if isinstance(row[key], (int, float)) and not isinstance(row[key], bool):
+                    row[key] = str(row[key])  # an answer written as a number: 72 -> "72"
                 if not isinstance(row[key], str):
-                    raise UserError(f"{path}:{n}: field '{key}' must be a string")
+                    raise UserError(f"{path}:{n}: field '{key}' must be a string, not {type(row[key]).__name__}")
             row["_where"] = f"{path}:{n}"
             rows.append(row)
     if not rows:
@@ -426,6 +441,7 @@ def save_checkpoint(path, model, tok, args=None):
         with open(tmp / "args.json", "w") as f:
             json.dump(args, f, indent=2)
     if path.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
         os.replace(path, old)  # a folder cannot be replaced in place: move the old one aside
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)

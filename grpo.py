@@ -101,14 +101,19 @@ def get_args(argv=None):
     # contradictions fail here, naming the flag, before any model is loaded
     if args.group < 2:
         p.error("--group must be at least 2: a group of one has no baseline to compare with")
-    for flag in ["prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size", "eval_samples"]:
+    for flag in ["num_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size", "eval_samples"]:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ["num_steps", "warmup_steps", "eval_every", "eval_prompts", "save_every", "sample_every", "ref_reset_every"]:
+    for flag in ["warmup_steps", "eval_every", "eval_prompts", "save_every", "sample_every", "ref_reset_every"]:
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.temperature <= 0:
         p.error("--temperature must be > 0: greedy groups have no variance, and log-probs divide by it")
+    if args.eval_temperature < 0:
+        p.error("--eval-temperature must be >= 0 (0 = greedy)")
+    for flag in ["lr", "weight_decay", "grad_clip"]:
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0")
     if not 0 < args.top_p <= 1 or not 0 < args.eval_top_p <= 1:
         p.error("--top-p and --eval-top-p must be in (0, 1]")
     if args.clip_low < 0 or args.clip_high < 0:
@@ -117,8 +122,8 @@ def get_args(argv=None):
         p.error("--beta must be >= 0")
     if args.ref_reset_every and args.beta == 0:
         p.error("--ref-reset-every needs --beta > 0: at --beta 0 no reference model is loaded")
-    if args.eval_every and not args.eval_data:
-        p.error("--eval-every needs --eval-data")
+    if (args.eval_every or args.eval_prompts) and not args.eval_data:
+        p.error("--eval-every and --eval-prompts need --eval-data")
     if args.max_sampling_rounds < 1:
         p.error("--max-sampling-rounds must be at least 1")
     try:
@@ -162,7 +167,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
     adv: (B,) one advantage per completion, shared by all its tokens.
     """
     mask = mask.bool()
-    ratio = torch.exp(logp - old_logp)  # (B, T); = 1 in value when mu = 1, but not in gradient
+    ratio = torch.exp(logp - old_logp.detach())  # (B, T); = 1 in value when mu = 1, but not in gradient
     a = adv[:, None].to(logp.dtype)  # (B, 1)
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     per_token = -torch.min(ratio * a, clipped * a)  # (B, T); pessimistic bound, as in PPO
@@ -255,12 +260,17 @@ def evaluate(model, tok, examples, prompt_ids, args, eos, generator):
 
 def load_prompts(path, tok, template, max_new_tokens, context, need_answer):
     """Read a jsonl file and tokenize its prompts; a prompt that cannot fit is an error naming its line."""
+    if context and max_new_tokens >= context:
+        raise common.UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                               f"context of {context} tokens")
     examples = common.read_jsonl(path, required=("prompt", "answer") if need_answer else ("prompt",))
     ids = []
     for ex in examples:
         text = common.format_prompt(ex["prompt"], tok, template)
         # chat templates already contain the model's begin-of-text token
         ids.append(tok(text, add_special_tokens=template != "chat")["input_ids"])
+        if not ids[-1]:
+            raise common.UserError(f"{ex['_where']}: the prompt is empty")
         if context and len(ids[-1]) + max_new_tokens > context:
             raise common.UserError(f"{ex['_where']}: the prompt is {len(ids[-1])} tokens; with --max-new-tokens "
                                    f"{max_new_tokens} it does not fit the model's context of {context} tokens")
@@ -277,6 +287,8 @@ def train(args):
     torch.manual_seed(args.seed)
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(args.dtype, device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise common.UserError(f"--out {args.out}: exists and is not a folder")
     os.makedirs(args.out, exist_ok=True)
     rewards = R.parse_rewards(args.rewards)
     rewards_names = [name for name, _, _ in rewards]
@@ -303,14 +315,16 @@ def train(args):
             eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
     print(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
     ref = None
-    if args.beta > 0:  # a frozen copy of the initial policy, in the compute dtype; none when beta is 0
-        ref = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    if args.beta > 0:  # a frozen copy of the initial policy; none when beta is 0
+        # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
     if args.grad_checkpointing:  # the method's name changed within transformers 5
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state = {"epoch": 0, "pos": 0}
 
     # logging
@@ -321,7 +335,10 @@ def train(args):
     common.append_jsonl(metrics_path, {"args": flags})
     wandb = None
     if args.wandb_project:
-        import wandb  # optional dependency, imported only when asked for
+        try:
+            import wandb  # optional dependency, imported only when asked for
+        except ImportError:
+            raise common.UserError("--wandb-project: wandb is not installed (pip install wandb)") from None
         wandb.init(project=args.wandb_project, config=flags)
     last_warned = {}
 
@@ -337,7 +354,7 @@ def train(args):
 
     def run_eval(step):
         with amp():
-            ev = evaluate(model, tok, eval_examples, eval_ids, args, eos, generator)
+            ev = evaluate(model, tok, eval_examples, eval_ids, args, eos, eval_generator)
         log(step, {"step": step, **ev})
         tqdm.write(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
                    f" | len {ev['eval_len']:.0f}")
@@ -438,9 +455,10 @@ def train(args):
                     opt.zero_grad(set_to_none=True)
                     continue
                 opt.step()
-        for k in sums:
-            record[k] = sums[k] / max(n_tok_logged, 1)
-        record["gnorm"], record["lr"] = gnorm, lr
+        for k in sums:  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
+            record[k] = sums[k] / n_tok_logged if n_tok_logged else None
+        record["gnorm"] = gnorm if math.isfinite(gnorm) else None
+        record["lr"] = lr
         seconds = time.time() - t0
         record["tok/s"] = sum(len(r["completion"]) for r in sampled) / seconds
         record["sample_s"], record["s"] = t_sample, seconds
@@ -449,15 +467,21 @@ def train(args):
         line = f"step {step}/{args.num_steps} | reward {record['reward']:.3f}"
         shown = rewards_names + ([] if "accuracy" in rewards_names else ["accuracy"])
         line += "".join(f" | {name} {record[name]:.3f}" for name in shown if name in record)
-        line += (f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {zero_var:.2f}"
-                 f" | kl {record['kl']:.4f} | clip {record['clip']:.3f} | ent {record['entropy']:.2f}"
-                 f" | gnorm {gnorm:.3f} | lr {lr:.1e} | {record['tok/s']:.0f} tok/s | {seconds:.1f}s")
+        line += f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {zero_var:.2f}"
+        if args.dynamic_sampling:
+            line += f" | rounds {rounds} | groups {len(batch) // G}/{P}"
+        line += (f" | kl {show(record['kl'], '.4f')} | clip {show(record['clip'], '.3f')}"
+                 f" | ent {show(record['entropy'], '.2f')} | gnorm {show(record['gnorm'], '.3f')}"
+                 f" | lr {lr:.1e} | {record['tok/s']:.0f} tok/s | {seconds:.1f}s")
         tqdm.write(line)
         log(step, record)
         history.append(record)
         if record["trunc"] > 0.5:
             warn_every("trunc", step, f"{record['trunc']:.0%} of completions hit --max-new-tokens "
                        f"{args.max_new_tokens} without ending; their rewards are usually 0: raise the limit")
+        if args.dynamic_sampling and len(batch) < P * G:
+            warn_every("rounds", step, f"only {len(batch) // G} of {P} groups had reward variance after "
+                       f"{rounds} rounds (--max-sampling-rounds); the step trained on those")
         if zero_var > 0.5:
             warn_every("zero_var", step, f"{zero_var:.0%} of groups have equal rewards and teach nothing: "
                        "the task is too hard or too easy; try a larger --group or --dynamic-sampling")
@@ -477,6 +501,11 @@ def train(args):
     if wandb:
         wandb.finish()
     return history
+
+
+def show(value, spec):
+    """A metric for the log line; '-' when there is none (a step without an update)."""
+    return "-" if value is None else format(value, spec)
 
 
 def main(argv=None):

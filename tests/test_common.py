@@ -114,6 +114,11 @@ def test_sampling_mask_and_truncation_flags(sharp):
     assert ids[0, :k0 + 1].tolist() == free[0, :k0 + 1].tolist()
     assert (ids[0, k0 + 1:] == tok.pad_token_id).all()
     assert not trunc[0]
+    # the end token as the very last allowed token: ended, not truncated
+    exact = common.sample(model, prompts[:1], 1, k0 + 1, [end], tok.pad_token_id, temperature=0)
+    assert exact["mask"][0].tolist() == [1] * (k0 + 1) and not exact["truncated"][0]
+    cut = common.sample(model, prompts[:1], 1, k0, [end], tok.pad_token_id, temperature=0)
+    assert cut["mask"][0].tolist() == [1] * k0 and cut["truncated"][0]
     row1 = free[1].tolist()
     if end in row1:  # prompt 1 stops at its own first end token, else runs to the limit
         k1 = row1.index(end)
@@ -178,11 +183,21 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     p.write_text('{"prompt": "a", "answer": "1"}\n{"question": "b"}\n')
     with pytest.raises(common.UserError, match=r"d\.jsonl:2: missing field 'prompt'"):
         common.read_jsonl(str(p))
+    p.write_text('{"prompt": ["a"], "answer": "1"}\n')
+    with pytest.raises(common.UserError, match=r"d\.jsonl:1: field 'prompt' must be a string, not list"):
+        common.read_jsonl(str(p))
+    p.write_text('{"prompt": "a", "answer": 72}\n')
+    assert common.read_jsonl(str(p), required=("prompt", "answer"))[0]["answer"] == "72"
     p.write_text('[1, 2]\n')
     with pytest.raises(common.UserError, match=r"d\.jsonl:1: expected a JSON object"):
         common.read_jsonl(str(p))
     with pytest.raises(common.UserError, match="no such file"):
         common.read_jsonl(str(tmp_path / "nope.jsonl"))
+    p.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(common.UserError, match=r"d\.jsonl:2: not UTF-8"):
+        common.read_jsonl(str(p))
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "bom"}\n')  # a byte-order mark is fine
+    assert common.read_jsonl(str(p))[0]["prompt"] == "bom"
     p.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": "2"}\n')
     rows = common.read_jsonl(str(p), required=("prompt", "answer"))
     assert [r["prompt"] for r in rows] == ["a", "b"] and rows[1]["_where"].endswith("d.jsonl:3")
@@ -217,6 +232,8 @@ def test_device_and_dtype_choice():
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match="--device cuda"):
             common.pick_device("cuda")
+    with pytest.raises(common.UserError, match="--device gpu: not a device"):
+        common.pick_device("gpu")
 
 
 def test_local_folder_and_bare_ids(tiny_dir):

@@ -97,11 +97,14 @@ def test_k3_is_non_negative_and_zero_when_models_agree():
     logp = torch.randn(4, 7).log_softmax(-1)
     ref = torch.randn(4, 7).log_softmax(-1)
     mask = torch.ones(4, 7)
-    d = ref - logp
-    k3 = torch.exp(d) - d - 1
-    assert (k3 >= 0).all()
     _, m = grpo_loss(logp, logp, ref, torch.zeros(4), mask, beta=1.0, kl="k3")
-    assert m["kl"].item() == pytest.approx(k3.mean().item(), rel=1e-6)
+    d = ref - logp
+    assert m["kl"].item() == pytest.approx((torch.exp(d) - d - 1).mean().item(), rel=1e-6)
+    for i in range(4):  # per token, through the code: every single-token KL is >= 0
+        for t in range(7):
+            one = torch.zeros(4, 7)
+            one[i, t] = 1
+            assert grpo_loss(logp, logp, ref, torch.zeros(4), one, beta=1.0, kl="k3")[1]["kl"].item() >= 0
     _, same = grpo_loss(logp, logp, logp.clone(), torch.zeros(4), mask, beta=1.0, kl="k3")
     assert same["kl"].item() == 0.0
 
@@ -173,3 +176,20 @@ def test_fully_masked_completion_does_not_count_in_seq_mean():
     mask = torch.tensor([[1, 1], [0, 0]])  # second completion dropped (e.g. truncated)
     loss, _ = grpo_loss(logp, logp.detach(), None, torch.tensor([1.0, 5.0]), mask, beta=0.0)
     assert loss.item() == pytest.approx(-1.0)  # the mean over the one completion that remains
+
+
+def test_clipped_ratio_and_kl_together_by_hand():
+    # one completion of 2 tokens, A = +1, clip 0.2, beta 0.1, k3, seq-mean
+    # ratio = 0.5/0.4 = 1.25 (clipped to 1.2) and 1.0; d = ref - logp = 0 and log(0.5/0.4)
+    logp = torch.tensor([[math.log(0.5), math.log(0.4)]], requires_grad=True)
+    old = torch.tensor([[math.log(0.4), math.log(0.4)]])
+    ref = torch.tensor([[math.log(0.5), math.log(0.5)]])
+    k3 = 1.25 - math.log(1.25) - 1  # e^d - d - 1 with e^d = 1.25
+    loss, m = grpo_loss(logp, old, ref, torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.2, 0.1, "k3", "seq-mean")
+    loss.backward()
+    assert loss.item() == pytest.approx(((-1.2 + 0.0) + (-1.0 + 0.1 * k3)) / 2, rel=1e-6)
+    # token 0: clipped, so only the KL term (0 at d = 0); token 1: -ratio*A + beta*(1 - e^d)
+    assert logp.grad[0, 0].item() == pytest.approx(0.0, abs=1e-7)
+    assert logp.grad[0, 1].item() == pytest.approx((-1.0 + 0.1 * (1 - 1.25)) / 2, rel=1e-6)
+    assert m["clip"].item() == 0.5 and m["ratio"].item() == pytest.approx(1.125)
+    assert m["kl"].item() == pytest.approx(k3 / 2, rel=1e-5)

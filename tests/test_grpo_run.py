@@ -84,15 +84,16 @@ def test_reward_moves_on_a_learnable_task(tiny_dir, data, tmp_path, toy):
     assert max(h["kl"] for h in history) > 0  # the policy moved away from the reference
 
 
-@pytest.mark.parametrize("agg", ["seq-mean", "token-mean", "seq-sum"])
-def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_dir, data, tmp_path, toy, monkeypatch, agg):
+@pytest.mark.parametrize("agg, extra", [("seq-mean", []), ("token-mean", []), ("seq-sum", []),
+                                        ("seq-mean", ["--mask-truncated"]), ("token-mean", ["--mask-truncated"])])
+def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_dir, data, tmp_path, toy, monkeypatch, agg, extra):
     """The per-micro-batch weights make gradient accumulation exact for every aggregation.
 
     AdamW's first step is about lr * sign(gradient), which float noise can flip; with plain SGD
     at lr 1 the change of the weights is the gradient itself, so that is what we compare.
     """
     monkeypatch.setattr(grpo.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=1.0))
-    flags = ["--num-steps", "1", "--rewards", "digits", "--agg", agg, "--beta", "0.04", "--grad-clip", "0"]
+    flags = ["--num-steps", "1", "--rewards", "digits", "--agg", agg, "--beta", "0.04", "--grad-clip", "0", *extra]
     run(tiny_dir, data, tmp_path / "one", *flags, "--micro-batch-size", "32")
     run(tiny_dir, data, tmp_path / "many", *flags, "--micro-batch-size", "5")
     init = weights(tiny_dir)
@@ -140,8 +141,13 @@ def test_warmup_and_accuracy_logged_when_not_trained_on(tiny_dir, data, tmp_path
     assert all(r["accuracy"] == 0.0 for r in h)  # a random model is never right, and it is still measured
 
 
-def test_num_iterations_reuses_sampling_logprobs_as_old(tiny_dir, data, tmp_path, toy):
-    h1 = run(tiny_dir, data, tmp_path / "mu1", "--num-steps", "2", "--rewards", "digits")
+def test_num_iterations_reuses_sampling_logprobs_as_old(tiny_dir, data, tmp_path, toy, monkeypatch):
+    calls = []
+    real = common.completion_logprobs
+    monkeypatch.setattr(common, "completion_logprobs", lambda m, *a, **k: calls.append(m.training) or real(m, *a, **k))
+    h1 = run(tiny_dir, data, tmp_path / "mu1", "--num-steps", "2", "--rewards", "digits", "--micro-batch-size", "8")
+    # 32 completions in micro-batches of 8: 4 policy passes and 4 reference passes per step, nothing for old_logp
+    assert calls.count(True) == 2 * 4 and calls.count(False) == 2 * 4
     h3 = run(tiny_dir, data, tmp_path / "mu3", "--num-steps", "2", "--rewards", "digits", "--num-iterations", "3")
     assert all(h["ratio"] == pytest.approx(1.0, abs=1e-6) and h["clip"] == 0 for h in h1)
     # passes 2 and 3 see a moved policy against the fixed sampling-time log-probs
@@ -162,6 +168,42 @@ def test_mask_truncated_drops_completions_from_the_loss(tiny_dir, data, tmp_path
     assert 0 < h[0]["trunc"] < 1 and sum(used) == round(32 * (1 - h[0]["trunc"]))
 
 
+def test_dynamic_sampling_at_its_cap_logs_no_update_and_warns(tiny_dir, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(R.REWARDS, "const", lambda c, ex: 1.0)  # no group ever has variance
+    out = tmp_path / "run"
+    h = run(tiny_dir, data, out, "--num-steps", "1", "--rewards", "const", "--dynamic-sampling",
+            "--max-sampling-rounds", "2")
+    assert h[0]["rounds"] == 2 and h[0]["groups"] == 0
+    assert all(h[0][k] is None for k in ["kl", "clip", "ratio", "entropy", "gnorm"])
+    text = capsys.readouterr().out
+    assert "| rounds 2 | groups 0/4 |" in text and "| kl - |" in text
+    assert "only 0 of 4 groups had reward variance after 2 rounds" in text
+    for line in open(out / "metrics.jsonl"):  # strict JSON: null, never NaN
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+    before, after = weights(tiny_dir), weights(out / "step-000001")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_warnings_for_truncation_and_zero_variance(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(R.REWARDS, "const", lambda c, ex: 0.0)
+    run(tiny_dir, data, tmp_path / "run", "--num-steps", "2", "--rewards", "const")
+    text = capsys.readouterr().out
+    assert text.count("of completions hit --max-new-tokens 8") == 1  # warned once, not every step
+    assert text.count("100% of groups have equal rewards") == 1
+
+
+def test_evaluation_pass_at_1_and_it_does_not_change_training(tiny_dir, data, tmp_path, monkeypatch, toy):
+    # an accuracy that is 1 exactly for the questions whose answer is 7 or 16: 2 of 3 eval prompts
+    monkeypatch.setitem(R.REWARDS, "accuracy", lambda c, ex: float(ex["answer"] in ("7", "16")))
+    plain = run(tiny_dir, data, tmp_path / "plain", "--num-steps", "2", "--rewards", "digits")
+    evald = run(tiny_dir, data, tmp_path / "eval", "--num-steps", "2", "--rewards", "digits", "--eval-data",
+                str(data / "test.jsonl"), "--eval-samples", "3", "--eval-every", "1")
+    assert [h["reward"] for h in plain] == [h["reward"] for h in evald]  # eval draws from its own generator
+    evals = [json.loads(l) for l in open(tmp_path / "eval" / "metrics.jsonl") if "eval_pass@1" in l]
+    assert [e["step"] for e in evals] == [0, 1, 2]
+    assert all(e["eval_pass@1"] == pytest.approx(2 / 3) for e in evals)
+
+
 def test_dynamic_sampling_trains_only_on_groups_with_variance(tiny_dir, data, tmp_path, monkeypatch):
     # prompts with an odd answer get a constant reward: their groups carry no signal
     monkeypatch.setitem(R.REWARDS, "half", lambda c, ex: 0.0 if int(ex["answer"]) % 2 else digits(c, ex))
@@ -177,8 +219,10 @@ def test_dynamic_sampling_trains_only_on_groups_with_variance(tiny_dir, data, tm
 
 
 def test_ref_reset_copies_the_policy_into_the_reference(tiny_dir, data, tmp_path, toy):
-    keep = run(tiny_dir, data, tmp_path / "keep", "--num-steps", "3", "--rewards", "digits")
-    reset = run(tiny_dir, data, tmp_path / "reset", "--num-steps", "3", "--rewards", "digits", "--ref-reset-every", "1")
+    # temperature 0.7: the reference's log-probs must use it too, or the KL is not 0 at the start
+    keep = run(tiny_dir, data, tmp_path / "keep", "--num-steps", "3", "--rewards", "digits", "--temperature", "0.7")
+    reset = run(tiny_dir, data, tmp_path / "reset", "--num-steps", "3", "--rewards", "digits", "--ref-reset-every", "1",
+                "--temperature", "0.7")
     assert keep[0]["kl"] == 0 and keep[2]["kl"] > 0  # step 1 starts from the reference itself
     assert all(r["kl"] == pytest.approx(0, abs=1e-7) for r in reset)  # the reference is the step's own policy
 
@@ -211,6 +255,21 @@ def test_prompt_longer_than_the_context(capsys, tiny_dir, data, tmp_path):
     assert "long.jsonl:2: the prompt is" in msg and "--max-new-tokens" in msg and "1024" in msg
 
 
+def test_more_bad_input(capsys, tiny_dir, data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(afile), "--device", "cpu"])
+    assert "--out" in str(e.value.code) and "not a folder" in str(e.value.code)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": "", "answer": "1"}) + "\n")
+    assert "empty.jsonl:1: the prompt is empty" in fails(capsys, tiny_dir, data, tmp_path, "--data", str(empty),
+                                                          "--template", "raw")
+    msg = fails(capsys, tiny_dir, data, tmp_path, "--max-new-tokens", "1024")
+    assert "--max-new-tokens 1024 leaves no room" in msg
+    assert "--device gpu" in fails(capsys, tiny_dir, data, tmp_path, "--device", "gpu")
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--ref-reset-every", "5", "--beta", "0"], "--ref-reset-every"),
     (["--group", "1"], "--group"),
@@ -221,6 +280,11 @@ def test_prompt_longer_than_the_context(capsys, tiny_dir, data, tmp_path):
     (["--clip-low", "-0.1"], "--clip-low"),
     (["--micro-batch-size", "0"], "--micro-batch-size"),
     (["--agg", "sum"], "--agg"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--lr", "-1"], "--lr"),
+    (["--num-steps", "0"], "--num-steps"),
+    (["--eval-temperature", "-1"], "--eval-temperature"),
+    (["--eval-prompts", "2"], "--eval-prompts"),
 ])
 def test_contradictory_or_wrong_flags_name_the_flag(capsys, tiny_dir, data, tmp_path, flags, named):
     assert named in fails(capsys, tiny_dir, data, tmp_path, *flags)
