@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------
 # errors: one clear message, caught by each script's main() and printed without a traceback
@@ -122,7 +121,7 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
                     m.p = 0.0
             return model.to(device), tok
         tried.append(f"{kind} '{where}' ({reason[:200]})")
-    hint = "" if os.environ.get("HF_HUB_OFFLINE") != "1" else " (HF_HUB_OFFLINE=1: only the local cache was searched)"
+    hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
     raise UserError(f"could not load model '{name}'{hint}; tried: " + "; ".join(tried))
 
 

@@ -389,7 +389,7 @@ def train(args):
         rewards_t = torch.tensor([r["reward"] for r in sampled])  # (rounds * P * G,)
         zero_var = (rewards_t.view(-1, G).std(dim=1) == 0).float().mean().item()
         record = {"step": step, "reward": rewards_t.mean().item()}
-        for name, _, _ in rewards:
+        for name in rewards_names:
             record[name] = float(np.mean([r["parts"][name] for r in sampled]))
         if "accuracy" not in record and all("answer" in r["example"] for r in sampled):
             # accuracy is logged even when it is not trained on (for example --rewards format)
