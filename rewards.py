@@ -1,112 +1,964 @@
-"""Rule rewards for GRPO: pure functions of (completion text, example) -> float.
+"""Rule rewards for GRPO: functions of (completion text, example) -> float. No reward model.
 
-No reward model, as in DeepSeek-R1: the accuracy of the final answer against the
-example's reference, and the format of the R1 template. Standard library only; model text
-is hostile input and is never evaluated.
+As in DeepSeek-R1, a completion is scored by rules only:
+- accuracy: the final answer against the example's reference, with a math checker that
+  understands numbers, fractions, roots, sets, intervals, tuples, matrices, equations and
+  algebra (math_equal);
+- format: the R1 template <think>...</think><answer>...</answer> (and a partial-credit variant);
+- code: the last ```python block run against the example's test cases in a sandbox;
+- language: the share of the chain of thought written in the target language's script;
+- length shaping: DAPO's soft overlong penalty and a cosine length reward.
+Compose them by name with optional weights: "accuracy,format" or "accuracy:1,format:0.5".
 
-Deliberate simplification (for now): the answer checker compares numbers exactly
-(integers, decimals, fractions, thousands separators, percentages) and anything else as
-normalised strings. Algebraic equivalence, sets and intervals, code test cases, language
-consistency and length shaping are the subject of the rewards issue.
+Model text is hostile input. The math checker parses answers with its own small grammar and
+builds sympy objects itself: nothing a model writes reaches eval, exec, sympify or
+parse_expr. Comparisons run in a worker process that is killed past a time limit; model
+code runs only in the sandbox below, one locked-down process per test.
 
-Compose rewards by name with optional weights: "accuracy,format" or "accuracy:1,format:0.5".
+Deliberate simplifications: a comma list is ordered (see the conventions at step 3); the
+sandbox is processes, rlimits and an audit hook (plus Landlock where the kernel has it),
+not a container; languages are told apart by script, so English and French are one.
 """
 
+import json
+import math
+import os
 import re
-from fractions import Fraction
+import select
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 
 # ----------------------------------------------------------------------------------------
-# extracting the final answer
+# math answers, step 1: find the final answer in a completion (pure regex, runs anywhere)
+
+THINK_END = "</think>"
+
+
+def find_boxes(text):
+    r"""[(start, end, content)] of every \boxed{...} / \fbox{...}, nested braces allowed.
+    An unbalanced box is skipped rather than guessed."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth = 1
+        for j in range(m.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                out.append((m.start(), j + 1, text[m.end():j]))
+                break
+    return out
 
 
 def last_boxed(text):
-    r"""Content of the last \boxed{...} (or \fbox{...}), nested braces allowed; None if absent."""
-    start = max(text.rfind(r"\boxed{"), text.rfind(r"\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None  # unbalanced: no answer rather than a guess
+    r"""Content of the last \boxed{...}; None if there is none."""
+    boxes = find_boxes(text)
+    return boxes[-1][2] if boxes else None
+
+
+# Several answers boxed (or typeset) one after the other are one list answer when only a
+# connector stands between them: "\boxed{1} and \boxed{2}", "$21,16$ or $11$".
+def _joins(gap):
+    gap = re.sub(r"\\(?:text|mbox|textnormal)\s*\{([^{}]*)\}", r"\1", gap)
+    gap = re.sub(r"\\q?quad|\\[,;:! ]|\\[()\[\]]|\$", " ", gap).strip()
+    if len(gap) > 32:
+        return False
+    return not re.search(r"[A-Za-z]", gap) or bool(re.search(r"(^|\W)(and|or)(\W|$)|[,;和或]", gap))
+
+
+def _tail_run(spans, text):
+    """Contents of the last span and of the spans before it that only connectors separate."""
+    run = [spans[-1]]
+    for prev in reversed(spans[:-1]):
+        if not _joins(text[prev[1]:run[0][0]]):
+            break
+        run.insert(0, prev)
+    if len(run) == 1:
+        return run[0][2]
+    return r"\{" + ", ".join(s[2] for s in run) + r"\}"  # separate answers: a set
+
+
+MATH_BLOCK = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+# a number, or numbers joined by arithmetic ("100 - 30 = 70"), as it appears in prose
+NUM_SPAN = re.compile(r"(?<![A-Za-z_\d.])\(?[-+]?\d[\d,.]*(?:\s*(?:[-+*/×÷=]|\\times|\\cdot)\s*\(?-?\d[\d,.]*\)?)*%?"
+                      r"|\\[dt]?frac\{[^{}]*\}\{[^{}]*\}|\\sqrt\{[^{}]*\}")
+FINAL_MARK = re.compile(r"final answer(?: is)?\s*:?|final result is", re.IGNORECASE)
+ANSWER_MARK = re.compile(r"\banswer(?: is|:)|\bréponse(?: est|\s*:)|\brespuesta(?: es|\s*:)|\bantwort(?: ist|\s*:)|答案[是为：:]?",
+                         re.IGNORECASE)
+
+
+def _candidates(text):
+    """Answer-like spans of prose, in order: $...$ blocks that hold a number or an
+    operator, and numbers or little computations outside them."""
+    spans, blanked = [], text
+    for m in MATH_BLOCK.finditer(text):
+        body = next(g for g in m.groups() if g is not None)
+        if re.search(r"[\d=<>\\]", body) and _looks_bare(body):
+            spans.append((m.start(), m.end(), body, True))
+            blanked = blanked[:m.start()] + " " * (m.end() - m.start()) + blanked[m.end():]
+    for m in NUM_SPAN.finditer(blanked):
+        body = m.group(0).strip().rstrip(".,")
+        if body.count("(") != body.count(")"):
+            body = body.strip("()")
+        spans.append((m.start(), m.end(), body, False))
+    return sorted(spans)
 
 
 def extract_answer(completion):
-    r"""The final answer of a completion: the last <answer> block, else the last \boxed{},
-    else GSM8K's "#### n". Only text after the last </think> counts: answers tried while
-    thinking are not the answer."""
-    text = completion.rsplit("</think>", 1)[1] if "</think>" in completion else completion
+    r"""The final answer of a completion, or None. In order: the last <answer> block, the
+    last \boxed{} (with boxes joined to it by "and"/","), a whole answer that is already
+    bare math, the first thing after "Final Answer", GSM8K's "#### n", the first thing
+    after "the answer is", and else the last number or $...$ block. Only text after the
+    last </think> counts: answers tried while thinking are not the answer."""
+    if completion is None:
+        return None
+    text = completion
+    if THINK_END in text:
+        text = text.rsplit(THINK_END, 1)[1]
+    elif "<think>" in text:
+        return None  # still thinking: no answer yet
+    text = re.sub(r"(?<!\\)\\\\(?=[A-Za-z])", r"\\", text)  # \\frac: stored with doubled backslashes
+    text = text.replace("\\$", " ")  # an escaped dollar is a currency sign, not math
     blocks = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
     if blocks:
-        inner = blocks[-1]
-        boxed = last_boxed(inner)
-        return (boxed if boxed is not None else inner).strip()
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    m = re.findall(r"####\s*([^\n]+)", text)
-    return m[-1].strip() if m else None
+        text = blocks[-1]
+    boxes = find_boxes(text)
+    final = list(FINAL_MARK.finditer(text))
+    if re.search(r"\\(?:boxed|fbox)\s*\{", text[boxes[-1][1] if boxes else 0:]):
+        return None  # the last box never closes: the answer was cut off
+    if boxes and not (final and final[-1].start() > boxes[-1][1]):  # "Final Answer:" after the boxes wins
+        return _tail_run(boxes, text).strip()
+    bare = text.strip().strip("$").strip()
+    if bare and _looks_bare(bare):
+        return bare
+    first = False
+    for mark in (FINAL_MARK, re.compile(r"####"), ANSWER_MARK):
+        found = list(mark.finditer(text))
+        if found:
+            text, first = text[found[-1].end():], True
+            if mark.pattern == "####":
+                return text.strip().split("\n")[0].strip().rstrip(".") or None
+            break
+    spans = _candidates(text)
+    if spans:
+        if first:
+            return spans[0][2]
+        blocks = [s for s in spans if s[3]]
+        if blocks and blocks[-1] == spans[-1]:
+            return _tail_run(blocks, text)
+        return spans[-1][2]
+    text = text.strip().strip("$.").strip()
+    return text if 0 < len(text) <= 64 else None  # a short word answer ("odd", "Evelyn")
 
 
 # ----------------------------------------------------------------------------------------
-# comparing answers
+# math answers, step 2: our own parser from LaTeX to sympy, over a whitelisted grammar.
+# Model text is never given to eval, exec, sympify or parse_expr: every sympy object below
+# is built by this code from tokens it recognised. Anything else is "not math" and falls
+# back to comparing normalised strings.
 
-NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")
-
-
-def normalize(s):
-    r"""Strip the decoration that does not change a value: $, \text{}, \left/\right, spaces,
-    a trailing period, "x =" in front, thousands separators."""
-    s = s.strip().strip("$").strip()
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\(left|right|!|,|;|:|displaystyle)", "", s)
-    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
-    s = s.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac")
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,234,567 -> 1234567
-        s = s.replace(",", "")
-    return s
+MAX_ANSWER_CHARS = 1000   # longer answers are compared as strings, never parsed
+MAX_DIGITS = 100          # integer literals longer than this are refused
+MAX_RESULT_DIGITS = 1000  # a power or factorial whose value would be longer is refused
+MAX_ITEMS = 64            # elements of a list, set or matrix
 
 
-def to_number(s):
-    r"""Exact value of "12", "-3.5", "7/2", "\frac{7}{2}", "50%" (= 1/2); None otherwise."""
-    percent = s.endswith(r"\%") or s.endswith("%")
-    s = s.removesuffix(r"\%").removesuffix("%")
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?)(-?\d+)/(-?\d+)", s)
-    if m:
-        if int(m.group(3)) == 0:
-            return None
-        value = Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1)
-    elif NUMBER.fullmatch(s) and len(s) < 100:  # refuse absurdly long digit strings
-        value = Fraction(s)
-    else:
+class NotMath(ValueError):
+    """The text is not (or not safely) parsable as a math answer."""
+
+
+UNICODE = {"≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "×": r"\times ", "÷": r"\div ", "·": r"\cdot ",
+           "−": "-", "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "∪": r"\cup ", "∈": r"\in ",
+           "±": r"\pm ", "²": "^2", "³": "^3", "≈": r"\approx ", "°": "", "，": ",", "；": ";"}
+RELATIONS = {"=": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "!=": "!=", r"\le": "<=", r"\leq": "<=",
+             r"\leqslant": "<=", r"\ge": ">=", r"\geq": ">=", r"\geqslant": ">=", r"\lt": "<", r"\gt": ">",
+             r"\ne": "!=", r"\neq": "!=", r"\approx": "~", r"\in": "in", r"\equiv": "="}
+FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+             "ln", "log", "exp"}
+UNITS = {"cm", "mm", "km", "kg", "mg", "ml", "mph", "sec", "min", "hour", "hours", "minutes", "seconds", "meter",
+         "meters", "metres", "mile", "miles", "feet", "foot", "inch", "inches", "unit", "units", "degree",
+         "degrees", "dollar", "dollars", "cents", "yuan", "cm^2", "sq"}
+TEXT_CMDS = {r"\text", r"\textbf", r"\textit", r"\textnormal", r"\mbox", r"\mathrm", r"\mathbf", r"\mathit",
+             r"\operatorname", r"\mathsf", r"\rm", r"\overline", r"\vec", r"\hat", r"\bar", r"\mathbb"}
+FUNC_LETTERS = set("fghFGHPQW")  # a letter that reads as a function before "(": f(x), P(x)
+
+
+def clean(s):
+    r"""Strip the typesetting that does not change a value: $, \left/\right, spacing,
+    \dfrac, degrees, percent and dollar signs, "and" between answers."""
+    for k, v in UNICODE.items():
+        s = s.replace(k, v)
+    s = re.sub(r",\\!\s*", ",", s.replace("$", " ")).replace("{,}", "")
+    s = re.sub(r"\\(?:left|right)\.", "", s)  # invisible delimiters
+    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle)(?![A-Za-z])", "", s)
+    s = re.sub(r"\\begin\{array\}\{[^{}]*\}|\\begin\{[pbvBV]?matrix\}", r"\\matbegin ", s)
+    s = re.sub(r"\\end\{(?:array|[pbvBV]?matrix)\}", r"\\matend ", s)
+    s = re.sub(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([-+]?\d+)(?![\w.])", r"\1\\times 10^{\2}", s)  # 1e-05
+    s = re.sub(r"\\[dtc]frac(?![A-Za-z])", r"\\frac", s).replace(r"\dbinom", r"\binom")
+    s = re.sub(r"\\q?quad|(?<!\\)\\[,;:! ]|~", " ", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)
+    s = re.sub(r"(\\%|%|\bpercentage\b|\bpercent\b|\bpct\b)", "%", s)
+    s = re.sub(r"\\(?:text|mbox|textnormal)\s*\{\s*(and|or)\s*\}|(?<![A-Za-z])(and|or)(?![a-z])", ",", s)
+    s = re.sub(r"\\(?:text|mbox)\s*\{\s*\}", "", s)
+    return s.strip().rstrip(".").strip()
+
+
+TOKEN = re.compile(r"(?P<num>\d+(?:\.\d+)?|\.\d+)|(?P<cmd>\\[A-Za-z]+|\\[{}|]|\\\\)|(?P<word>[A-Za-z]+)"
+                   r"|(?P<op><=|>=|!=|[-+*/^_=<>(),;:\[\]{}|!&%'])|(?P<space>\s+)")
+
+
+def tokenize(s):
+    """-> [(kind, text, space_before)]; the arguments of text commands become one token."""
+    toks, i, space = [], 0, False
+    while i < len(s):
+        m = TOKEN.match(s, i)
+        if not m:
+            raise NotMath(f"unexpected character {s[i]!r}")
+        kind, text, i = m.lastgroup, m.group(0), m.end()
+        if kind == "space":
+            space = True
+            continue
+        if kind == "cmd" and text in TEXT_CMDS:
+            j = s.find("{", i)
+            if j < 0 or s[i:j].strip():
+                raise NotMath(f"{text} without an argument")
+            depth, k = 0, j
+            for k in range(j, len(s)):
+                depth += {"{": 1, "}": -1}.get(s[k], 0)
+                if depth == 0:
+                    break
+            if depth:
+                raise NotMath("unbalanced braces")
+            kind, text, i = "text", s[j + 1:k].strip(), k + 1
+        elif kind == "word":
+            if text.lower() in UNITS and toks and toks[-1][0] in ("num", "op") and toks[-1][1] not in "(,;":
+                space = True
+                continue  # "125 miles": the unit is not part of the value
+            if text in FUNCTIONS:
+                kind, text = "cmd", "\\" + text
+            elif toks and (toks[-1][1] == "_" or toks[-1][1] == "{" and toks[-2][1] == "_"):
+                kind = "name"  # a subscript: S_{MBCN}
+            elif len(text) >= 3:
+                raise NotMath(f"the word {text!r}")  # prose, not math
+            else:  # "xy" is x times y
+                toks += [("name", c, space and n == 0) for n, c in enumerate(text)]
+                space = False
+                continue
+        toks.append((kind, text, space))
+        space = False
+    return toks
+
+
+def _sympy():
+    import sympy  # imported on first use, in the worker process
+    return sympy
+
+
+class Parser:
+    """Recursive descent over the tokens; every method returns a value:
+    ("expr", sympy expression or Matrix), ("text", str), ("list", [values], ordered),
+    ("tuple", [values], bracket), ("interval", lo, hi, lo_closed, hi_closed),
+    ("set", [values]), ("union", [values]), ("rel", [ops], [values])."""
+
+    def __init__(self, tokens):
+        self.t, self.i, self.S = tokens, 0, _sympy()
+
+    def peek(self, k=0):
+        return self.t[self.i + k] if self.i + k < len(self.t) else ("end", "", False)
+
+    def take(self, text=None):
+        tok = self.peek()
+        if tok[0] == "end" or (text is not None and tok[1] != text):
+            raise NotMath(f"expected {text!r}, got {tok[1]!r}")
+        self.i += 1
+        return tok
+
+    def at(self, *texts):
+        return self.peek()[1] in texts and self.peek()[0] != "text"
+
+    # lists and relations -----------------------------------------------------------------
+    def answer(self):
+        groups = [self.items(closers=("end",), top=True)]
+        while self.at(";"):
+            self.take()
+            groups.append(self.items(closers=("end",), top=True))
+        if self.peek()[0] != "end":
+            raise NotMath(f"unexpected {self.peek()[1]!r}")
+        if len(groups) == 1:
+            return groups[0][0] if len(groups[0]) == 1 else ("list", groups[0], True)
+        return ("list", [g[0] if len(g) == 1 else ("list", g, True) for g in groups], True)
+
+    def items(self, closers, top=False):
+        out = [self.relation()]
+        while self.at(",") or (self.at(";") and not top):
+            self.take()
+            if self.peek()[1] in closers or self.peek()[0] == "end":
+                break  # a trailing comma
+            out.append(self.relation())
+            if len(out) > MAX_ITEMS:
+                raise NotMath("too many items")
+        return out
+
+    def relation(self):
+        parts, ops = [self.union()], []
+        while self.peek()[1] in RELATIONS and self.peek()[0] in ("op", "cmd"):
+            ops.append(RELATIONS[self.take()[1]])
+            parts.append(self.union())
+        return ("rel", ops, parts) if ops else parts[0]
+
+    def union(self):
+        parts = [self.ratio()]
+        while self.at(r"\cup"):
+            self.take()
+            parts.append(self.ratio())
+        return ("union", parts) if len(parts) > 1 else parts[0]
+
+    def ratio(self):
+        parts = [self.sum()]
+        while self.at(":"):
+            self.take()
+            parts.append(self.sum())
+        return ("tuple", parts, ":") if len(parts) > 1 else parts[0]
+
+    # arithmetic ----------------------------------------------------------------------------
+    def sum(self):
+        S, sign = self.S, 1
+        if self.at("+", "-", r"\pm"):
+            sign = {"+": 1, "-": -1, r"\pm": S.Symbol("PLUSMINUS")}[self.take()[1]]
+        first = self.term()
+        if first[0] != "expr":
+            if sign != 1:
+                raise NotMath("minus a non-number")
+            return first
+        total = sign * first[1]
+        while self.at("+", "-", r"\pm", r"\mp"):
+            op = self.take()[1]
+            value = self.expr(self.term())
+            pm = S.Symbol("PLUSMINUS")  # a ± b is both values: expanded into a set later
+            total = total + {"+": value, "-": -value, r"\pm": pm * value, r"\mp": -pm * value}[op]
+        return ("expr", total)
+
+    def term(self):
+        value = self.power()
+        while True:
+            tok = self.peek()
+            if tok[0] == "text":  # "5 \text{ cm}": a unit after a value
+                self.take()
+                if self.at("^"):
+                    self.take()
+                    self.atom()
+                continue
+            if tok[1] == "%" and tok[0] == "op":
+                self.take()
+                value = ("percent", self.expr(value))
+                continue
+            if tok[1] in ("*", "/", r"\cdot", r"\times", r"\div") and tok[0] in ("op", "cmd"):
+                self.take()
+                rhs = self.expr(self.power())
+                value = ("expr", self.expr(value) / rhs if tok[1] in ("/", r"\div") else self.expr(value) * rhs)
+            elif self.starts_atom(tok):
+                value = ("expr", self.expr(value) * self.expr(self.power()))  # implicit product
+            else:
+                return value
+
+    def starts_atom(self, tok):
+        kind, text, _ = tok
+        return (kind in ("num", "name") or (kind == "cmd" and text not in RELATIONS and text not in
+                (r"\cup", r"\pm", r"\mp", r"\cdot", r"\times", r"\div", "\\\\", r"\matend", r"\}", r"\rangle", r"\rfloor", r"\rceil")))\
+            or (kind == "op" and text in "(")
+
+    def power(self):
+        base = self.atom()
+        while self.at("^", "!"):
+            if self.take()[1] == "!":
+                n = self.expr(base)
+                if not (n.is_Integer and 0 <= n <= 300):
+                    raise NotMath("factorial too large")
+                base = ("expr", self.S.factorial(n))
+                continue
+            exp = self.expr(self.arg(signed=True))
+            base = ("expr", self.guarded_pow(self.expr(base), exp))
+        return base
+
+    def guarded_pow(self, b, e):
+        """b**e, refusing before computing when the value would have thousands of digits."""
+        S = self.S
+        if b.is_number and e.is_number and e.is_real and abs(e) > 1:
+            size = abs(S.N(e, 15)) * (S.log(abs(S.N(b, 15)) + 1, 10) if b != 0 else 0)
+            if size > MAX_RESULT_DIGITS or abs(e) > 10 ** 6:
+                raise NotMath("power too large")
+        return b ** e
+
+    def expr(self, value):
+        if value[0] == "percent":
+            return value[1]
+        if value[0] != "expr":
+            raise NotMath("arithmetic on a non-number")
+        return value[1]
+
+    # atoms ---------------------------------------------------------------------------------
+    def arg(self, signed=False):
+        r"""One argument of \frac, ^, \sqrt: a {group}, or a single character as in \frac12."""
+        kind, text, _ = self.peek()
+        if text == "{" and kind == "op":
+            self.take()
+            value = self.answer_until("}")
+            return value
+        if kind == "num" and len(text) > 1 and "." not in text:
+            self.t[self.i] = ("num", text[1:], False)  # \frac94: 9 now, 4 left for the next
+            return ("expr", self.S.Integer(text[0]))
+        if signed and self.at("-", "+"):
+            sign = -1 if self.take()[1] == "-" else 1
+            return ("expr", sign * self.expr(self.atom()))
+        return self.atom()
+
+    def answer_until(self, closer):
+        values = self.items(closers=(closer,))
+        self.take(closer)
+        return values[0] if len(values) == 1 else ("list", values, True)
+
+    def atom(self):
+        S = self.S
+        kind, text, _ = tok = self.take()
+        if kind == "num":
+            if len(text) > MAX_DIGITS:
+                raise NotMath("number too long")
+            return ("expr", S.Rational(text))
+        if kind == "text":
+            if re.fullmatch(r"[A-Za-z]", text):
+                return ("expr", S.Symbol(text))  # \mathrm{e}, \mathbf{v}
+            return ("text", text)
+        if kind == "name":
+            return self.name(text, tok)
+        if text == "(" or text == "[":
+            values = self.items(closers=(")", "]"))
+            close = self.take()[1]
+            if len(values) == 1 and close == {"(": ")", "[": "]"}[text]:
+                return values[0]  # grouping
+            if len(values) == 2 and (text == "[" or close == "]"):
+                return ("interval", self.expr(values[0]), self.expr(values[1]), text == "[", close == "]")
+            return ("tuple", values, text)
+        if text == "{":
+            values = self.items(closers=("}",))
+            self.take("}")
+            return values[0] if len(values) == 1 else ("list", values, True)
+        if text in (r"\{", r"\langle"):
+            close = {r"\{": r"\}", r"\langle": r"\rangle"}[text]
+            if self.at(close):
+                self.take()
+                return ("set", [])
+            values = self.items(closers=(close,))
+            self.take(close)
+            return ("set", values) if text == r"\{" else ("tuple", values, "(")
+        if text == "|":
+            inner = self.expr(self.sum())
+            self.take("|")
+            return ("expr", S.Abs(inner))
+        if text == r"\frac":
+            num, den = self.expr(self.arg()), self.expr(self.arg())
+            if den == 0:
+                raise NotMath("division by zero")
+            return ("expr", num / den)
+        if text == r"\binom":
+            n, k = self.expr(self.arg()), self.expr(self.arg())
+            if n.is_number and abs(n) > 10 ** 4:
+                raise NotMath("binomial too large")
+            return ("expr", S.binomial(n, k))
+        if text == r"\sqrt":
+            index = 2
+            if self.at("["):
+                self.take()
+                index = self.expr(self.sum())
+                self.take("]")
+            return ("expr", S.root(self.expr(self.arg()), index))
+        if text[1:] in FUNCTIONS:
+            return self.function(text[1:])
+        if text in (r"\lfloor", r"\lceil"):
+            inner = self.expr(self.sum())
+            self.take(r"\rfloor" if text == r"\lfloor" else r"\rceil")
+            return ("expr", S.floor(inner) if text == r"\lfloor" else S.ceiling(inner))
+        if text in (r"\pi", r"\infty", r"\emptyset", r"\varnothing"):
+            return {r"\pi": ("expr", S.pi), r"\infty": ("expr", S.oo)}.get(text, ("set", []))
+        if text == r"\matbegin":
+            return self.matrix()
+        if text == r"\sum":
+            return self.big_sum()
+        greek = text[1:]
+        if greek in GREEK:
+            return self.name(greek, tok)
+        raise NotMath(f"unsupported {text!r}")
+
+    def name(self, letter, tok):
+        S = self.S
+        if self.at("_"):  # x_1, a_{37}: one symbol; F_{n-1}: a function of the subscript
+            self.take()
+            if self.peek()[0] in ("num", "name") and self.peek(1)[1] != "(" or self.peek()[1] == "{":
+                sub_tokens = self.raw_arg()
+                if re.fullmatch(r"[A-Za-z0-9]+", sub_tokens):
+                    return ("expr", S.Symbol(f"{letter}_{sub_tokens}"))
+                return ("expr", S.Function(f"{letter}_")(self.expr(Parser(tokenize(sub_tokens)).answer())))
+        if letter in FUNC_LETTERS and self.at("(") and not self.peek()[2]:
+            self.take()
+            args = self.items(closers=(")",))
+            self.take(")")
+            return ("expr", S.Function(letter)(*[self.expr(a) for a in args]))
+        return ("expr", S.Symbol(letter))
+
+    def raw_arg(self):
+        """The source text of a subscript, to name a symbol like a_{37}."""
+        if self.at("{"):
+            self.take()
+            depth, parts = 1, []
+            while True:
+                kind, text, _ = self.take()
+                depth += {"{": 1, "}": -1}.get(text, 0) if kind == "op" else 0
+                if depth == 0:
+                    return "".join(parts)
+                parts.append(text if kind != "text" else text)
+        return self.take()[1][0] if self.peek()[0] == "num" else self.take()[1]
+
+    def function(self, name):
+        S = self.S
+        power, base = None, None
+        if self.at("^"):  # \sin^2 x
+            self.take()
+            power = self.expr(self.arg(signed=True))
+        if name == "log" and self.at("_"):
+            self.take()
+            base = self.expr(self.arg())
+        if self.at("("):
+            self.take()
+            inner = self.expr(self.sum())
+            self.take(")")
+        else:
+            inner = self.expr(self.power())
+        f = {"ln": S.log, "arcsin": S.asin, "arccos": S.acos, "arctan": S.atan}.get(name) or getattr(S, name)
+        value = S.log(inner, base) if base is not None else f(inner)
+        return ("expr", value ** power if power is not None else value)
+
+    def matrix(self):
+        rows, row = [], []
+        while not self.at(r"\matend"):
+            row.append(self.expr(self.sum()))
+            if self.at("&"):
+                self.take()
+            elif self.at("\\\\"):
+                self.take()
+                rows.append(row)
+                row = []
+            elif not self.at(r"\matend"):
+                raise NotMath("bad matrix")
+            if sum(map(len, rows)) > MAX_ITEMS:
+                raise NotMath("matrix too large")
+        self.take(r"\matend")
+        rows = [r for r in rows + [row] if r]
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise NotMath("ragged matrix")
+        return ("expr", self.S.Matrix(rows))
+
+    def big_sum(self):
+        r"""\sum_{k=a}^{b} body, kept unevaluated (compared by structure)."""
+        S = self.S
+        self.take("_")
+        self.take("{")
+        var = self.take()
+        self.take("=")
+        lo = self.expr(self.sum())
+        self.take("}")
+        self.take("^")
+        hi = self.expr(self.arg())
+        body = self.expr(self.term())
+        return ("expr", S.Sum(body, (S.Symbol(var[1]), lo, hi)))
+
+
+GREEK = {"alpha", "beta", "gamma", "delta", "theta", "lambda", "mu", "sigma", "phi", "omega", "rho", "tau", "epsilon"}
+
+
+def _looks_bare(text):
+    """True when text is already a bare answer: it tokenizes as math (no prose words)."""
+    try:
+        return len(text) <= MAX_ANSWER_CHARS and bool(tokenize(clean(text)))
+    except NotMath:
+        return False
+
+
+def parse(text):
+    """Answer text -> a value (see Parser). Raises NotMath for anything outside the grammar."""
+    text = clean(text)
+    if not text or len(text) > MAX_ANSWER_CHARS:
+        raise NotMath("empty or too long")
+    if re.search(r"[^\x00-\x7f]", text):
+        raise NotMath("non-ASCII text")
+    if re.fullmatch(r"[-+]?\d{1,3}([ ,]\d{3})+(\.\d+)?%?", text) and not text.lstrip("-+").startswith("0"):
+        text = text.replace(",", "").replace(" ", "")  # 7,425,000 and 1 000: thousands separators
+    return Parser(tokenize(text)).answer()
+
+
+# ----------------------------------------------------------------------------------------
+# math answers, step 3: decide equality. Conventions (documented in the README too):
+# - numbers compare exactly when both are integers, else to a relative 1e-9;
+# - a percentage equals both its number and its fraction (28% = 28 = 0.28);
+# - "1,22" alone is read as 1.22 or as the list 1, 22 (decimal comma); "7,425,000" and
+#   "1 000" are thousands; "x = 5", "(p,q) = (3,2)", "f(x) = 1" compare by their right side;
+# - a comma list is ordered ("4, 10, -2" is not "10, 4, -2", as in the MATH grader); a
+#   set \{...\}, the two values of a ±, and lists of tuples or of separately boxed answers
+#   are unordered and ignore repeats;
+# - (a, b) is a tuple and also equals the open interval; a < x < b equals the interval;
+# - equations are equal when one is a non-zero multiple of the other (2x+4y-3=0 is
+#   y = -x/2 + 3/4); inequalities when a positive multiple (-x > -1 is x < 1);
+# - expressions with variables are compared at three fixed points, then by simplify.
+
+REL_TOL = 1e-9
+
+
+def values(answer):
+    """All readings of an answer: [value, ...] (usually one; two for "1,22" and "28%")."""
+    out = [canon(parse(answer))]
+    text = clean(answer)
+    if re.fullmatch(r"[-+]?\d+,\d+", text):  # decimal comma: "1,22" may be 1.22
+        out.append(("expr", _sympy().Rational(text.replace(",", "."))))
+    return out
+
+
+def canon(v):
+    """Normal form of a parsed value: relations resolved, ± expanded, percent alternatives."""
+    S, kind = _sympy(), v[0]
+    if kind == "percent":
+        return ("alts", [("expr", v[1]), ("expr", v[1] / 100)])
+    if kind == "expr":
+        e = v[1]
+        pm = S.Symbol("PLUSMINUS")
+        if not isinstance(e, S.MatrixBase) and pm in e.free_symbols:
+            return ("list", [("expr", e.subs(pm, 1)), ("expr", e.subs(pm, -1))], False)
+        return v
+    if kind == "list":
+        items, ordered = [], v[2]
+        for x in map(canon, v[1]):
+            if x[0] == "list" and not x[2]:  # a ± inside a list: both values are answers
+                items += x[1]
+                ordered = False
+            else:
+                items.append(x)
+        if len(items) == 1:
+            return items[0]
+        return _group_solutions(items, ordered)
+    if kind == "tuple":
+        return ("tuple", [canon(x) for x in v[1]], v[2])
+    if kind == "set":
+        return ("set", [canon(x) for x in v[1]])
+    if kind == "union":
+        return ("union", [canon(x) for x in v[1]])
+    if kind == "rel":
+        return _relation(v[1], [canon(x) for x in v[2]])
+    return v
+
+
+def named(v):
+    """True for a left side that only names the answer: x, a_3, f(x), |AB|, (p, q), A:B."""
+    S = _sympy()
+    if v[0] == "tuple":
+        return all(named(x) for x in v[1])
+    if v[0] != "expr" or isinstance(v[1], S.MatrixBase):
+        return False
+    e = v[1]  # a product of names, not a sum: x + y = 5 is an equation, not a name for 5
+    return not e.is_Add and bool(e.free_symbols) and all(abs(n) == 1 for n in e.atoms(S.Number))
+
+
+def _relation(ops, parts):
+    S = _sympy()
+    if "~" in ops:  # x = 1/3 ≈ 0.33: the approximation is not the answer
+        k = ops.index("~")
+        if k == 0 and named(parts[0]):
+            ops, parts = ["="] + ops[1:], parts
+        else:
+            ops, parts = ops[:k], parts[:k + 1]
+        if not ops:
+            return parts[0]
+    if ops == ["in"]:
+        return parts[1]
+    if all(op == "=" for op in ops):
+        if named(parts[0]):
+            return ("eq", parts[0], parts[-1])
+        if all(p[0] == "expr" and not isinstance(p[1], S.MatrixBase) and not p[1].free_symbols for p in parts):
+            return parts[-1]  # 5+5+1 = 11: a computation, its result is the answer
+        return ("eq", parts[0], parts[-1])
+    if len(ops) == 1 and ops[0] in ("<", "<=", ">", ">=", "!="):
+        a, b = _expr(parts[0]), _expr(parts[1])
+        op = {">": "<", ">=": "<="}.get(ops[0], ops[0])
+        return ("ineq", op, b - a if ops[0] in (">", ">=") else a - b)
+    if len(ops) == 2 and named(parts[1]) and all(p[0] == "expr" for p in parts):
+        if set(ops) <= {">", ">="}:
+            ops, parts = [{">": "<", ">=": "<="}[o] for o in reversed(ops)], parts[::-1]
+        if set(ops) <= {"<", "<="}:
+            lo, mid, hi = (p[1] for p in parts)
+            closed = (ops[0] == "<=", ops[1] == "<=")
+            if isinstance(mid, S.Abs) and lo.is_number and lo >= 0:  # a <= |z| <= b
+                return ("union", [("interval", -hi, -lo, closed[1], closed[0]), ("interval", lo, hi, *closed)])
+            return ("interval", lo, hi, *closed)
+    return ("rel", ops, parts)
+
+
+def _expr(v):
+    if v[0] != "expr":
+        raise NotMath("a relation between non-numbers")
+    return v[1]
+
+
+def _group_solutions(items, ordered):
+    """p=5, q=2, p=7, q=2 -> the tuples (5, 2), (7, 2): a list of solutions, unordered."""
+    if all(x[0] == "eq" and named(x[1]) for x in items) and len(items) > 1:
+        names = [x[1] for x in items]
+        width = next((k for k in range(1, len(names)) if names[k] == names[0]), len(names))
+        if width < len(items) and len(items) % width == 0 and all(
+                names[i] == names[i % width] for i in range(len(names))):
+            return ("list", [("tuple", [x[2] for x in items[i:i + width]], "(")
+                             for i in range(0, len(items), width)], False)
+    return ("list", items, ordered)
+
+
+def _points(symbols):
+    """Three fixed assignments of the variables: deterministic, away from 0, 1 and poles."""
+    S = _sympy()
+    q = [S.Rational(a, b) for a, b in ((13, 10), (17, 7), (19, 11), (23, 13), (29, 17), (31, 19), (37, 23))]
+    syms = sorted(symbols, key=str)
+    return [{s: q[(3 * t + j) % len(q)] for j, s in enumerate(syms)} for t in range(3)]
+
+
+def _number(e, point):
+    S = _sympy()
+    v = S.N(e.subs(point), 30)
+    if not v.is_number or v.has(S.zoo, S.nan):
         return None
-    return value / 100 if percent else value
+    return complex(v)
 
 
-def math_equal(pred, gold):
-    """True when pred (a whole completion or a bare answer) has the same value as gold."""
-    if pred is None or gold is None:
+def _close(x, y):
+    return abs(x - y) <= REL_TOL * max(1.0, abs(x), abs(y))
+
+
+def same_expr(a, b):
+    S = _sympy()
+    if isinstance(a, S.MatrixBase) or isinstance(b, S.MatrixBase):
+        return (isinstance(a, S.MatrixBase) and isinstance(b, S.MatrixBase) and a.shape == b.shape
+                and all(same_expr(x, y) for x, y in zip(a, b)))
+    if a == b:
+        return True
+    if (a.is_Integer and b.is_Integer) or a.has(S.oo, -S.oo) or b.has(S.oo, -S.oo):
         return False
-    answer = extract_answer(pred) if ("<answer>" in pred or r"\boxed" in pred or "####" in pred) else pred
-    if answer is None:
+    for point in _points(a.free_symbols | b.free_symbols):
+        x, y = _number(a, point), _number(b, point)
+        if x is None or y is None:
+            return S.simplify(a - b) == 0  # undefined functions, sums: by algebra
+        if not _close(x, y):
+            return False
+    return True
+
+
+def _proportional(d1, d2, positive):
+    """d1 = c * d2 for one constant c != 0 (c > 0 when positive): the same relation."""
+    S = _sympy()
+    ratios = []
+    for point in _points(d1.free_symbols | d2.free_symbols):
+        x, y = _number(d1, point), _number(d2, point)
+        if x is None or y is None:
+            return d1 == d2 or (not positive and d1 == -d2)
+        if abs(y) < 1e-12 or abs(x) < 1e-12:
+            if abs(y) < 1e-12 and abs(x) < 1e-12:
+                continue
+            return False
+        ratios.append(x / y)
+    if not ratios:
+        return S.simplify(d1) == 0 and S.simplify(d2) == 0
+    c = ratios[0]
+    return all(_close(r, c) for r in ratios) and (not positive or (abs(c.imag) < 1e-12 and c.real > 0))
+
+
+def _as_interval(v):
+    """x < 3 -> the interval (-oo, 3); None when the relation is not about one variable."""
+    S = _sympy()
+    _, op, d = v
+    if op == "!=" or len(d.free_symbols) != 1:
+        return None
+    x = next(iter(d.free_symbols))
+    k, m = d.diff(x), d.subs(x, 0)
+    if k.free_symbols or k == 0 or d != S.expand(k * x + m):
+        return None
+    c = -m / k
+    if k > 0:
+        return ("interval", -S.oo, c, False, op == "<=")
+    return ("interval", c, S.oo, op == "<=", False)
+
+
+def _norm_text(s):
+    s = re.sub(r"\\(?:text\w*|math\w+|mbox)\{([^{}]*)\}", r"\1", str(s))
+    s = re.sub(r"[\s{}()\\$]", "", str(s))
+    return s.casefold() if len(s) > 1 else s
+
+
+def same(a, b):
+    """Equality of two canonical values under the conventions above."""
+    if a[0] == "alts":
+        return any(same(x, b) for x in a[1])
+    if b[0] == "alts":
+        return any(same(a, y) for y in b[1])
+    ka, kb = a[0], b[0]
+    if ka == "eq" and kb == "eq":
+        if named(a[1]) and named(b[1]):
+            return same(a[2], b[2])
+        if a[1][0] == b[1][0] == a[2][0] == b[2][0] == "expr":
+            return _proportional(a[1][1] - a[2][1], b[1][1] - b[2][1], positive=False)
+        return same(a[1], b[1]) and same(a[2], b[2])
+    if ka == "eq" and named(a[1]):
+        return same(a[2], b)
+    if kb == "eq" and named(b[1]):
+        return same(a, b[2])
+    if ka == kb == "expr":
+        return same_expr(a[1], b[1])
+    if ka == kb == "text" or {ka, kb} == {"text", "expr"}:
+        return _norm_text(a[1]) == _norm_text(b[1])
+    if ka == kb == "ineq":
+        return a[1] == b[1] and _proportional(a[2], b[2], positive=a[1] != "!=")
+    if ka == "ineq" or kb == "ineq":
+        a, b = (_as_interval(a), b) if ka == "ineq" else (a, _as_interval(b))
+        return a is not None and b is not None and same(a, b)
+    if ka == "tuple" and kb == "interval" or ka == "interval" and kb == "tuple":
+        t, iv = (a, b) if ka == "tuple" else (b, a)
+        return (t[2] == "(" and len(t[1]) == 2 and not iv[3] and not iv[4]
+                and same(t[1][0], ("expr", iv[1])) and same(t[1][1], ("expr", iv[2])))
+    if ka == kb == "interval":
+        return a[3:] == b[3:] and same_expr(a[1], b[1]) and same_expr(a[2], b[2])
+    if ka == kb == "union":
+        return _same_items(a[1], b[1], ordered=False)
+    if ka in ("list", "tuple", "set") and kb in ("list", "tuple", "set"):
+        if ka == kb == "tuple" and a[2] != b[2]:
+            return False
+        ordered = (ka != "set" and kb != "set" and (ka != "list" or a[2]) and (kb != "list" or b[2])
+                   and not any(x[0] == "tuple" for x in a[1] + b[1]))
+        return _same_items(a[1], b[1], ordered)
+    if ka == kb == "rel":
+        return a[1] == b[1] and _same_items(a[2], b[2], ordered=True)
+    return False
+
+
+def _same_items(xs, ys, ordered):
+    if all(v[0] == "eq" and named(v[1]) for v in xs + ys) and len(xs) == len(ys):
+        by_name = [[y for y in ys if x[1][0] == y[1][0] == "expr" and x[1][1] == y[1][1]]
+                   for x in xs]  # a_3 = 2, a_37 = 19: match by name when the names agree
+        if all(len(m) == 1 for m in by_name):
+            return all(same(x[2], m[0][2]) for x, m in zip(xs, by_name))
+    xs = [x[2] if x[0] == "eq" and named(x[1]) else x for x in xs]
+    ys = [y[2] if y[0] == "eq" and named(y[1]) else y for y in ys]
+    if ordered:
+        return len(xs) == len(ys) and all(same(x, y) for x, y in zip(xs, ys))
+    xs, ys = _unique(xs), _unique(ys)
+    return len(xs) == len(ys) and all(any(same(x, y) for y in ys) for x in xs)
+
+
+def _unique(items):
+    out = []
+    for x in items:
+        if not any(same(x, y) for y in out):
+            out.append(x)
+    return out
+
+
+def _check(pred, gold):
+    """The whole comparison, run inside the worker process: extract, parse, compare."""
+    a, b = extract_answer(pred), extract_answer(gold)
+    if not a or not b:
         return False
-    a, b = normalize(answer), normalize(str(gold))
-    x, y = to_number(a), to_number(b)
-    if x is not None and y is not None:
-        return x == y
-    return a != "" and a == b
+    try:
+        return any(same(x, y) for x in values(a) for y in values(b))
+    except (NotMath, ZeroDivisionError, TypeError, ValueError, AttributeError, IndexError, RecursionError):
+        return _norm_text(clean(a)) == _norm_text(clean(b))  # not math: compare as text
 
 
 # ----------------------------------------------------------------------------------------
-# the rewards
+# math answers, step 4: a hard time limit. sympy can spend minutes in C-level code that no
+# signal interrupts, so every comparison runs in a worker process (this file, run with
+# --math-worker) and a worker that misses the deadline is killed, not asked to stop.
+
+MATH_TIMEOUT = 3.0  # seconds per comparison, after the worker has started
+_idle_workers, _workers_lock = [], threading.Lock()
+
+
+def _start_math_worker():
+    proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "--math-worker"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if _read_line(proc, 60.0) != b"ready\n":  # importing sympy takes ~0.5 s
+        proc.kill()
+        raise RuntimeError("the math worker process did not start")
+    return proc
+
+
+def _read_line(proc, timeout):
+    """One line from the worker, or None when it does not answer in time (or died)."""
+    fd, buf, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def math_equal(pred, gold, timeout=MATH_TIMEOUT):
+    """True when pred (a whole completion or a bare answer) has the value of the reference
+    gold. False on a timeout: the worker doing the comparison is killed."""
+    if not isinstance(pred, str) or not isinstance(gold, str):
+        return False
+    with _workers_lock:
+        proc = _idle_workers.pop() if _idle_workers else None
+    if proc is None or proc.poll() is not None:
+        proc = _start_math_worker()
+    proc.stdin.write(json.dumps([pred, gold]).encode() + b"\n")
+    proc.stdin.flush()
+    reply = _read_line(proc, timeout)
+    if reply is None:
+        proc.kill()
+        proc.wait()
+        return False
+    with _workers_lock:
+        _idle_workers.append(proc)
+    return json.loads(reply) is True
+
+
+def _math_worker():
+    """Answer [pred, gold] lines with true/false until stdin closes."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a runaway expansion fails here, not in the host
+    sys.setrecursionlimit(5000)
+    _sympy()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        try:
+            pred, gold = json.loads(line)
+            equal = _check(pred, gold)
+        except Exception:  # noqa: BLE001 - any failure is "not equal"
+            equal = False
+        sys.stdout.write("true\n" if equal else "false\n")
+        sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------
+# the rewards: (completion text, example) -> float. grpo.py adds to each example the
+# completion's length in tokens ("num_tokens"), the limit ("max_tokens"), the overlong
+# buffer and the default language, so the length rules stay functions of the same pair.
 
 
 def accuracy(completion, example):
     """1 when the final answer equals the example's "answer", else 0."""
-    return 1.0 if math_equal(extract_answer(completion), example["answer"]) else 0.0
+    return 1.0 if math_equal(completion, str(example["answer"])) else 0.0
 
 
 # exactly one <think>...</think> then exactly one <answer>...</answer>, then nothing but
@@ -120,7 +972,375 @@ def format_reward(completion, example):
     return 1.0 if FORMAT.fullmatch(completion) else 0.0
 
 
-REWARDS = {"accuracy": accuracy, "format": format_reward}
+def format_tags(completion, example):
+    """Partial credit while the template is being learnt: 0.25 for each of the four tags
+    that appears exactly once."""
+    return sum(completion.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")) / 4
+
+
+# Language consistency (R1 section 2.3.2): the share of the chain of thought's words that
+# are in the target language, told apart by Unicode script. Math, LaTeX commands and
+# one-letter variables are not words; each Chinese or Japanese character is one word.
+SCRIPTS = {"en": {"LATIN"}, "fr": {"LATIN"}, "de": {"LATIN"}, "es": {"LATIN"}, "it": {"LATIN"}, "pt": {"LATIN"},
+           "zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"}, "ru": {"CYRILLIC"},
+           "ar": {"ARABIC"}, "hi": {"DEVANAGARI"}, "el": {"GREEK"}}
+SINGLE_CHAR_WORDS = {"CJK", "HIRAGANA", "KATAKANA"}
+
+
+def script_of(ch):
+    """'LATIN', 'CJK', 'CYRILLIC', ... from the character's Unicode name; '' if unnamed."""
+    return unicodedata.name(ch, "").split(" ")[0]
+
+
+def words_by_script(text):
+    """[(script, word)] of the letters in text, math and LaTeX left out."""
+    text = MATH_BLOCK.sub(" ", text)
+    text = re.sub(r"\\[A-Za-z]+", " ", text)
+    out = []
+    for run in re.findall(r"[^\W\d_]+", text):
+        word, script = "", None
+        for ch in run + " ":
+            s = script_of(ch) if ch != " " else None
+            if word and (s != script or script in SINGLE_CHAR_WORDS):
+                if not (script == "LATIN" and len(word) == 1):  # x, y: variables
+                    out.append((script, word))
+                word = ""
+            word, script = word + ch if s else word, s
+    return out
+
+
+def language(completion, example):
+    """Share of words in <think> written in the script of example["lang"] (default "en");
+    0 when the chain of thought has no words."""
+    lang = example.get("lang") or "en"
+    if lang not in SCRIPTS:
+        raise ValueError(f"unknown language {lang!r} (known: {', '.join(sorted(SCRIPTS))})")
+    m = re.search(r"<think>(.*?)(</think>|$)", completion, flags=re.DOTALL)
+    words = words_by_script(m.group(1) if m else completion)
+    if not words:
+        return 0.0
+    return sum(script in SCRIPTS[lang] for script, _ in words) / len(words)
+
+
+def overlong(completion, example):
+    """DAPO's soft overlong penalty: 0 up to max_tokens - overlong_buffer tokens, then
+    linearly down to -1 at max_tokens (and -1 beyond)."""
+    n, limit, buffer = example["num_tokens"], example["max_tokens"], example.get("overlong_buffer") or 0
+    if buffer <= 0 or n <= limit - buffer:
+        return 0.0 if n <= limit else -1.0
+    return max(-1.0, (limit - buffer - n) / buffer)
+
+
+def cosine(completion, example):
+    """Accuracy shaped by length with a cosine (Yeo et al., 2025): a correct answer earns
+    1 when short down to 0.5 at max_tokens, a wrong one -1 when short up to -0.5 at
+    max_tokens, so the model thinks longer only when it is wrong. Use instead of accuracy."""
+    c = (1 + math.cos(math.pi * min(example["num_tokens"] / example["max_tokens"], 1.0))) / 2  # 1 -> 0
+    return 0.5 + 0.5 * c if accuracy(completion, example) else -0.5 - 0.5 * c
+
+
+# ----------------------------------------------------------------------------------------
+# code: run the completion's last Python block against the example's test cases.
+# Tests are a list (or a JSON string of a list) of either
+#     {"input": str, "output": str}                   a stdin/stdout program, or
+#     {"fn_name": str, "args": list, "expected": any}  a function, called as fn(*args)
+# (looked up at top level, then as a method of a LeetCode-style Solution class). The child
+# prints the JSON of its result as its last line and the parent compares, so expected values
+# never enter the child. Each run is a fresh `python -I -S -B` process in a new session and
+# its own temporary directory, with an empty environment and rlimits, killed as a group when
+# it ends. A fixed bootstrap sets the limits, then adds layers that each stop what the others
+# miss: dropping root, Landlock, and an audit hook. Simplifications: no threads in the child
+# (RLIMIT_NPROC 0), no site-packages (-S), stderr discarded, a run passes only with exit code 0.
+
+CODE_TIMEOUT = 5.0  # wall-clock seconds per test run (CPU time is capped 1 s later, as a backstop)
+CODE_MEMORY = 1 << 30  # address space of a run, bytes: a 10 GB allocation fails in the child
+CODE_OUTPUT_CAP = 1 << 20  # stdout bytes read from a run; more is a failure, never buffered
+CODE_FILE_CAP = 16 << 20  # largest file a run may write, bytes
+CODE_NUM_FILES = 64  # open file descriptors per run
+NOBODY = 65534  # uid/gid a root parent drops its children to
+SANDBOX_LAYERS = ("drop", "landlock", "audit")  # all on; tests switch them one at a time
+PYTHON = sys.executable
+# one run per core: more would only make CPU-bound programs hit the wall-clock timeout
+CODE_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+CODE_POOL = ThreadPoolExecutor(CODE_WORKERS)  # only ever runs run_test, which never waits on the pool
+
+# ----------------------------------------------------------------------------------------
+# the child: a fixed bootstrap that reads job.json and main.py from its working directory
+
+BOOTSTRAP = r'''
+import json, os, resource, struct, sys
+def main():
+    job, src = json.load(open("job.json")), open("main.py").read()
+    tmp, layers, root = os.getcwd(), job["layers"], os.getuid() == 0
+    # limits first, while we may still set them: time, memory, file size, descriptors, no
+    # fork and no threads (RLIMIT_NPROC 0), no core dumps
+    for name, value in job["limits"].items():
+        limit = getattr(resource, name)
+        hard = resource.getrlimit(limit)[1]  # a lower hard limit than ours stays: it cannot be raised
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(limit, (value, value))
+    if "drop" in layers and root:
+        # Python may sit where nobody cannot enter (/root/.pyenv): keep its library reachable
+        # through descriptors opened while still root, in sys.path and in loaded packages
+        fds = {p: "/proc/self/fd/%d" % os.open(p, os.O_PATH) for p in sys.path if os.path.isdir(p)}
+        reach = lambda path: next((f + path[len(p):] for p, f in fds.items() if path.startswith(p + "/")), path)
+        for m in list(sys.modules.values()):
+            if isinstance(getattr(m, "__path__", None), list):
+                m.__path__[:] = map(reach, m.__path__)
+        sys.path = list(fds.values())
+    if "landlock" in layers:
+        try:  # enforced by the kernel: holds even if the audit hook is bypassed
+            landlock(job["ro"], tmp)
+        except OSError:
+            pass  # kernel without Landlock: the other layers still hold
+    if "drop" in layers and root:
+        # root ignores RLIMIT_NPROC, may raise any limit and read every file: become nobody
+        os.setgroups([]), os.setgid(job["nobody"]), os.setuid(job["nobody"])
+    if "audit" in layers:
+        # documented as no security boundary, so one layer of several; but it sees every
+        # open, spawn and socket of the interpreter, even without root or Landlock
+        sys.addaudithook(make_hook(tmp, job["ro"] + sys.path))
+    g = {"__name__": "__main__" if job["fn_name"] is None else "solution", "__builtins__": __builtins__}
+    out, dumps, exit_now = sys.stdout, json.dumps, os._exit  # held: the program may replace them
+    exec(compile(src, "main.py", "exec"), g)
+    if job["fn_name"] is not None:
+        fn = g.get(job["fn_name"]) or getattr(g["Solution"](), job["fn_name"])
+        result = dumps(fn(*job["args"]))
+        out.write("\n" + result + "\n"), out.flush()
+        exit_now(0)  # no atexit hook or finaliser of the program may print after the result
+
+def landlock(ro, rw):
+    """Read-only access to ro, read-write to rw, nothing else; TCP and signals out of the domain refused."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    syscall = libc.syscall
+    def check(r):
+        if r < 0:
+            raise OSError(ctypes.get_errno(), "landlock")
+        return r
+    abi = check(syscall(444, None, 0, 1))  # landlock_create_ruleset(VERSION): the ABI
+    fs = (1 << (13, 14, 15, 15, 16)[min(abi, 5) - 1]) - 1  # every fs right this ABI knows: all handled
+    # handled fs rights, TCP bind+connect (ABI 4), scoping of abstract sockets+signals (ABI 6)
+    attr = struct.pack("QQQ", fs, 3, 3)[:8 if abi < 4 else 16 if abi < 6 else 24]
+    ruleset = check(syscall(444, attr, len(attr), 0))
+    read, write = 1 << 2 | 1 << 3, 1 << 1 | 1 << 4 | 1 << 5 | 1 << 7 | 1 << 8 | 1 << 14  # no exec, no links
+    for path, rights in [(p, read) for p in ro] + [(rw, read | write)]:
+        fd = os.open(path, os.O_PATH)
+        if not os.path.isdir(path):
+            rights = 1 << 2  # a single file can only be given file rights
+        check(syscall(445, ruleset, 1, struct.pack("=Qi", rights & fs, fd), 0))  # add_rule(PATH_BENEATH)
+        os.close(fd)
+    check(libc.prctl(38, 1, 0, 0, 0))  # NO_NEW_PRIVS, required first
+    check(syscall(446, ruleset, 0))  # restrict_self
+    os.close(ruleset)
+
+def make_hook(tmp, ro):
+    """An audit hook that refuses processes, sockets, native code, new limits and files
+    outside tmp (read-only in ro). Everything it uses is bound now, out of the program's reach."""
+    # processes and signals; sockets; native code; limits; the garbage collector and tracebacks'
+    # frames, which lead to this hook; hand-made code objects; links; moving away from tmp
+    deny = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.kill", "signal.pthread_kill",
+            "subprocess.", "socket.", "ctypes.", "resource.", "gc.get_", "object.__getattr__", "code.__new__",
+            "os.symlink", "os.link", "os.chdir")
+    # fork_exec without an audit event, ctypes, memory-corrupting test helpers, and
+    # subinterpreters, which would start without this hook
+    native = ("_posixsubprocess", "_ctypes", "_test", "_xxsub")
+    paths = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod", "os.chown",
+             "os.utime", "shutil.rmtree")
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    def plain(path, bytes=bytes, isinstance=isinstance):
+        # the exact characters, whatever str or bytes subclass was passed (no method of it is called)
+        if isinstance(path, bytes):
+            return b"".join((path,)).decode("utf-8", "surrogateescape")
+        return "".join((path,))  # anything else (PathLike, ...) raises, which refuses the event
+    def inside(path, dirs, any=any):
+        # lexical normalisation with str methods only: nothing the program can monkeypatch
+        parts = []
+        for part in (path if path.startswith("/") else tmp + "/" + path).split("/"):
+            if part == "..":
+                parts = parts[:-1]
+            elif part not in ("", "."):
+                parts.append(part)
+        path = "/" + "/".join(parts)
+        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+    def hook(event, args, int=int, isinstance=isinstance, any=any, all=all, plain=plain, inside=inside):
+        if event.startswith(deny) or event == "import" and plain(args[0]).startswith(native):
+            raise PermissionError("sandbox: " + event)
+        if event == "object.__setattr__" and any(args[0] is f for f in (hook, plain, inside)):
+            raise PermissionError("sandbox: " + event)  # would rewrite this hook
+        if event == "open" and not isinstance(args[0], int):
+            path, mode, flags = plain(args[0]), args[1], args[2]
+            if mode is None and not path.startswith("/"):
+                raise PermissionError("sandbox: relative os.open")  # may carry a dir_fd we cannot see
+            if not (inside(path, [tmp]) or flags & writing == 0 and inside(path, ro)):
+                raise PermissionError("sandbox: open " + path)
+        if event in paths:
+            targets = args[:2] if event == "os.rename" else args[:1]
+            if event != "os.truncate" and args[-1] is not None:
+                raise PermissionError("sandbox: dir_fd")
+            if not all(isinstance(a, int) or inside(plain(a), [tmp]) for a in targets):
+                raise PermissionError("sandbox: " + event)
+    return hook
+
+main()
+'''
+
+# read-only for the child: the Python installation and the shared libraries it may load
+READ_ONLY = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(os.__file__)}
+                   | {p for p in ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", "/dev/null")
+                      if os.path.exists(p)})
+
+# ----------------------------------------------------------------------------------------
+# the parent: run one program, read its output with a cap, kill its process group
+
+
+def run_program(code, stdin="", fn_name=None, args=(), timeout=CODE_TIMEOUT, layers=SANDBOX_LAYERS):
+    """Run code in the sandbox -> (status, stdout): status is "ok" (exit code 0), "error",
+    "timeout" or "overflow" (more than CODE_OUTPUT_CAP bytes). With fn_name, stdout's last line
+    is the JSON of fn_name(*args)."""
+    tmp = tempfile.mkdtemp(prefix="nanor1-")
+    try:
+        limits = {"RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_AS": CODE_MEMORY, "RLIMIT_FSIZE": CODE_FILE_CAP,
+                  "RLIMIT_NOFILE": CODE_NUM_FILES, "RLIMIT_NPROC": 0, "RLIMIT_CORE": 0}
+        job = {"layers": list(layers), "limits": limits, "ro": READ_ONLY, "nobody": NOBODY,
+               "fn_name": fn_name, "args": list(args)}
+        for name, text in [("main.py", code), ("job.json", json.dumps(job)), ("stdin.txt", stdin)]:
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        if os.geteuid() == 0:
+            os.chown(tmp, NOBODY, NOBODY)  # the child drops to nobody and works in here
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp}  # nothing of ours inherited
+        with open(os.path.join(tmp, "stdin.txt")) as fin:
+            # -I: no environment, no user site, no script dir on sys.path; -S: no site-packages;
+            # -B: no .pyc written; new session: one process group to kill (no preexec_fn)
+            proc = subprocess.Popen([PYTHON, "-I", "-S", "-B", "-c", BOOTSTRAP], stdin=fin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, cwd=tmp, env=env, start_new_session=True)
+        try:
+            status, out = read_capped(proc.stdout, time.monotonic() + timeout)
+        finally:
+            # kill the group before reaping the leader, so its pid (the group id) cannot have
+            # been reused; also reaches anything the program left running in its group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.stdout.close()
+            returncode = proc.wait()
+        if status == "ok" and returncode != 0:
+            status = "error"
+        return status, out.decode("utf-8", "replace")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_capped(stdout, deadline):
+    """Read a pipe until EOF -> ("ok", bytes); ("timeout" | "overflow", b"") when the deadline
+    passes or CODE_OUTPUT_CAP is exceeded. Never holds more than CODE_OUTPUT_CAP bytes."""
+    chunks, size = [], 0
+    with selectors.DefaultSelector() as sel:
+        sel.register(stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout", b""
+            if not sel.select(left):
+                continue
+            data = os.read(stdout.fileno(), 1 << 16)
+            if not data:  # EOF: the program and everything holding its stdout are done
+                return "ok", b"".join(chunks)
+            size += len(data)
+            if size > CODE_OUTPUT_CAP:
+                return "overflow", b""
+            chunks.append(data)
+
+
+# ----------------------------------------------------------------------------------------
+# the reward
+
+
+FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", flags=re.DOTALL | re.MULTILINE)
+
+
+def extract_code(completion):
+    """The last fenced Python block (```python, ```py or a bare ```) after the last </think>; None if absent."""
+    text = completion.rsplit("</think>", 1)[-1]
+    blocks = [body for lang, body in FENCE.findall(text) if lang.lower() in ("", "python", "py", "python3")]
+    return blocks[-1] if blocks else None
+
+
+def lines(text):
+    """Output lines without trailing whitespace, trailing empty lines dropped."""
+    out = [line.rstrip() for line in text.split("\n")]
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
+def same_json(got, want):
+    """JSON equality without Python's looseness (True == 1); floats within 1e-6."""
+    if isinstance(got, bool) or isinstance(want, bool):
+        return got is want
+    if isinstance(got, int) and isinstance(want, int):
+        return got == want
+    if isinstance(got, (int, float)) and isinstance(want, (int, float)):
+        return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6)
+    if isinstance(got, list) and isinstance(want, (list, tuple)):
+        return len(got) == len(want) and all(same_json(g, w) for g, w in zip(got, want))
+    if isinstance(got, dict) and isinstance(want, dict):
+        return got.keys() == want.keys() and all(same_json(got[k], want[k]) for k in got)
+    return type(got) is type(want) and got == want  # str, None
+
+
+def run_test(code, test, timeout=CODE_TIMEOUT):
+    """True when the program passes one test; the expected value stays in the parent."""
+    if "fn_name" in test:
+        status, out = run_program(code, fn_name=test["fn_name"], args=test.get("args", []), timeout=timeout)
+        try:
+            return status == "ok" and same_json(json.loads(lines(out)[-1]), test["expected"])
+        except (ValueError, IndexError, RecursionError, OverflowError):  # no result, or not JSON
+            return False
+    status, out = run_program(code, stdin=test.get("input", ""), timeout=timeout)
+    return status == "ok" and lines(out) == lines(test["output"])
+
+
+def code_rewards(completions, tests_list, timeout=CODE_TIMEOUT, strict=False):
+    """code_reward of many completions at once: every test of every completion goes to CODE_POOL together,
+    so a GRPO group runs in parallel. Do not call from inside CODE_POOL (it would wait on itself)."""
+    jobs = []
+    for completion, tests in zip(completions, tests_list):
+        code = extract_code(completion)
+        tests = json.loads(tests) if isinstance(tests, str) else tests
+        jobs.append([CODE_POOL.submit(run_test, code, t, timeout) for t in tests] if code and tests else [])
+    rewards = []
+    for futures in jobs:
+        frac = sum(f.result() for f in futures) / len(futures) if futures else 0.0
+        rewards.append(float(frac == 1.0) if strict else frac)
+    return rewards
+
+
+def code_reward(completion, tests, timeout=CODE_TIMEOUT, strict=False):
+    """Fraction of tests the completion's last Python block passes (strict: 1 only if all pass).
+    No code block or no tests -> 0."""
+    return code_rewards([completion], [tests], timeout=timeout, strict=strict)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# composition: "--rewards accuracy,format:0.5" -> a weighted sum, each part logged
+
+
+def code(completion, example):
+    """Fraction of the example's "tests" that the last ```python block passes."""
+    return code_reward(completion, example["tests"])
+
+
+def code_strict(completion, example):
+    """1 only when the last ```python block passes every test."""
+    return code_reward(completion, example["tests"], strict=True)
+
+
+REWARDS = {"accuracy": accuracy, "format": format_reward, "format_tags": format_tags, "language": language,
+           "overlong": overlong, "cosine": cosine, "code": code, "code_strict": code_strict}
+NEEDS = {"accuracy": "answer", "cosine": "answer", "code": "tests", "code_strict": "tests"}  # example fields
 
 
 def parse_rewards(spec):
@@ -134,9 +1354,11 @@ def parse_rewards(spec):
             w = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"reward '{name}': weight '{weight}' is not a number") from None
+        if not math.isfinite(w):
+            raise ValueError(f"reward '{name}': weight '{weight}' is not finite")
         out.append((name, REWARDS[name], w))
-    if not out:
-        raise ValueError("no rewards given")
+    if len({name for name, _, _ in out}) < len(out):
+        raise ValueError(f"a reward is named twice in '{spec}'")
     return out
 
 
@@ -150,9 +1372,25 @@ def score(completion, example, rewards):
     for name, fn, weight in rewards:
         try:
             value = float(fn(completion, example))
+            if not math.isfinite(value):
+                raise ValueError(f"returned {value}")
         except Exception as e:  # noqa: BLE001 - any failure of a rule is a zero, not a crash
             value = 0.0
             errors.append(f"reward '{name}' raised {type(e).__name__}: {e}")
         parts[name] = value
         total += weight * value
     return total, parts, errors
+
+
+def score_many(completions, examples, rewards):
+    """score() for many completions at once, in threads: code tests and math comparisons run
+    in child processes, so a group of 16 is scored in parallel rather than in turn."""
+    with ThreadPoolExecutor(max_workers=min(len(completions), 2 * (os.cpu_count() or 1)) or 1) as pool:
+        return list(pool.map(lambda ce: score(ce[0], ce[1], rewards), zip(completions, examples)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--math-worker"]:
+        _math_worker()
+    else:
+        sys.exit("usage: python rewards.py --math-worker (started by math_equal; rewards.py is a module)")

@@ -1,4 +1,10 @@
-"""The starter rule rewards: answer extraction, the accuracy check, the R1 format, composition."""
+"""Rule rewards: answer extraction, the math checker's conventions, its safety, the format,
+language and length rules, and their composition. Cases are written by hand here; the
+public conformance set in ../shared is a measurement, not a test fixture."""
+
+import builtins
+import os
+import time
 
 import pytest
 
@@ -9,27 +15,141 @@ import rewards as R
     ("<think>2+2 is 4</think><answer>4</answer>", "4"),
     ("<think>maybe <answer>5</answer></think> <answer>4</answer>", "4"),     # only after </think>
     ("<think>x</think><answer>so \\boxed{\\frac{1}{2}}</answer>", "\\frac{1}{2}"),
-    ("we get \\boxed{x^{2}+1} and \\boxed{7}", "7"),                         # the last box
+    ("we get \\boxed{x^{2}+1}. Adding the other two terms then gives \\boxed{7}", "7"),  # the last box
     ("\\boxed{\\frac{a}{\\sqrt{b}}}", "\\frac{a}{\\sqrt{b}}"),             # nested braces
+    ("the roots are \\boxed{2} and \\boxed{5}", "\\{2, 5\\}"),               # boxes joined by "and": a set
     ("Natalia sold 48 clips.\n#### 72", "72"),                              # GSM8K
+    ("#### 7\nno wait\n#### 9", "9"),
     ("\\boxed{12", None),                                                   # unbalanced: no answer
-    ("<think>the answer is 4</think>", None),
+    ("<think>the answer is 4</think>", None),                               # nothing after </think>
+    ("<think>still going, 4", None),                                        # never closed
+    ("First 3 apples, then 4 more: 7 in all.", "7"),                        # prose: the last number
+    ("Final Answer: Ana has 12 apples left after 3 days.", "12"),           # after the marker: the first
+    ("so we need $x \\geq 5$ here.", "x \\geq 5"),
+    ("Total: 1,234,567 people", "1,234,567"),
+    ("-\\frac{3}{4}", "-\\frac{3}{4}"),                                     # a bare answer stays whole
+    ("So the answer is 4. Check: 4 + 2 = 6.", "4"),
+    ("no numbers at all in this long sentence of plain prose here, none, nothing, zero digits", None),
 ])
 def test_extract_answer(completion, want):
     assert R.extract_answer(completion) == want
 
 
-@pytest.mark.parametrize("pred, gold, want", [
-    ("72", "72", True), ("1,234", "1234", True), ("$1,234.50$", "1234.5", True), ("-3", "-3.0", True),
-    ("\\frac{1}{2}", "0.5", True), ("\\dfrac{3}{4}", "3/4", True), ("50\\%", "0.5", True), ("x = 5", "5", True),
-    ("\\text{5}", "5", True), ("5.", "5", True), ("\\left(1,2\\right)", "(1,2)", True),
-    ("73", "72", False), ("0.33", "1/3", False), ("", "0", False), ("1/0", "0", False),
-    ("<think>4</think><answer>\\boxed{6}</answer>", "6", True),              # a whole completion
-    ("__import__('os').system('echo hi')", "0", False),
-    ("1" * 5000, "1" * 5000, True),                                         # long strings: compared as text, not parsed
+@pytest.mark.parametrize("pred, gold", [
+    # numbers: separators, signs, decimals, scientific notation
+    ("72", "72"), ("1,234", "1234"), ("12 345", "12345"), ("$1,234.50$", "1234.5"), ("-3", "-3.0"),
+    (".25", "0.25"), ("3,5", "3.5"), ("1e-05", "0.00001"), ("2.5\\times 10^{3}", "2500"),
+    # fractions, roots, pi, degrees
+    ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "3/4"), ("\\tfrac34", "0.75"), ("\\frac12", "1/2"),
+    ("\\frac{6}{8}", "\\frac{3}{4}"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\sqrt 2", "\\sqrt{2}"),
+    ("\\frac{\\pi}{2}", "\\frac12\\pi"), ("45^\\circ", "45"), ("45^{\\circ}", "45°"),
+    # percentages: the number or the fraction
+    ("50\\%", "50"), ("50%", "0.5"), ("50 percent", "50\\%"),
+    # units, text and decoration
+    ("12\\text{ cm}", "12"), ("\\$12", "12"), ("12 dollars", "12"), ("\\left(1,2\\right)", "(1,2)"),
+    ("\\text{Paris}", "paris"), ("\\text{(B)}", "B"), ("5.", "5"), ("\\mathbf{5}", "5"),
+    # x = 5, chains, approximations
+    ("x = 5", "5"), ("5", "y=5"), ("f(x) = 3", "3"), ("(a, b) = (1, 2)", "(1, 2)"), ("x = 2+3 = 5", "5"),
+    ("x = \\frac13 \\approx 0.33", "1/3"), ("2+3", "5"), ("3 \\cdot 4", "12"),
+    # algebra
+    ("\\frac{x+1}{2}", "\\frac{x}{2}+\\frac12"), ("(x-1)(x+1)", "x^2-1"), ("\\sin^2 x + \\cos^2 x", "1"),
+    ("\\ln(e^2)", "2\\ln e"), ("2^{10}", "1024"), ("5!", "120"), ("\\binom{5}{2}", "10"), ("|{-3}|", "3"),
+    # equations and inequalities
+    ("y = 2x + 1", "2x - y + 1 = 0"), ("x \\ge 3", "3 \\le x"), ("-x > -1", "x < 1"), ("x \\neq 2", "x != 2"),
+    ("x \\in [1, 4)", "1 \\le x < 4"), ("x > 3", "(3, \\infty)"),
+    # sets, intervals, tuples, ±, matrices
+    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}"), ("\\{1, 2, 2\\}", "\\{2, 1\\}"), ("(1, 2)", "(1,2)"), ("[0, 1)", "[0,1)"),
+    ("(0, 1)", "0 < t < 1"), ("(-\\infty, 0] \\cup [1, \\infty)", "(-\\infty,0]\\cup[1,\\infty)"),
+    ("1 \\pm \\sqrt{2}", "\\{1-\\sqrt2, 1+\\sqrt2\\}"), ("(1,2), (3,4)", "(3,4), (1,2)"),
+    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"),
+    ("p = 1, q = 2", "q = 2, p = 1"),
+    # whole completions
+    ("<think>4</think><answer>\\boxed{6}</answer>", "6"), ("<think>...</think><answer>x = 3</answer>", "3"),
+    ("The answer is 308.", "308"), ("the cost is 4 + 3 = 7 dollars", "7"),
+    ("1" * 5000, "1" * 5000),                                               # long strings: compared as text
 ])
-def test_math_equal(pred, gold, want):
-    assert R.math_equal(pred, gold) is want
+def test_math_equal_true(pred, gold):
+    assert R.math_equal(pred, gold) is True
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("73", "72"), ("0.33", "1/3"), ("3.14", "\\pi"), ("1000000001", "1000000000"), ("", "0"), ("1/0", "0"),
+    ("-5", "5"), ("2\\sqrt{2}", "\\sqrt{6}"), ("x+1", "x+2"), ("x^2", "y^2"), ("\\frac{1}{2}", "\\frac{1}{3}"),
+    ("1, 2, 3", "3, 2, 1"),                                                 # a comma list is ordered
+    ("(1, 2)", "(2, 1)"), ("[0, 1)", "[0, 1]"), ("(0, 1)", "[0, 1)"), ("\\{1, 2\\}", "\\{1, 2, 3\\}"),
+    ("x < 1", "x > 1"), ("x \\le 1", "x < 1"), ("a + b = 0", "0"), ("7 = 2a", "2a"),
+    ("\\text{Paris}", "\\text{London}"), ("ABC2D", "2"), ("32, 349", "32349"),
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&5\\end{pmatrix}"),
+    ("<think>\\boxed{5}</think> I am not sure.", "5"),                      # the box was in the thinking
+    ("<think>unfinished \\boxed{5}", "5"), (None, "5"), ("5", None),
+])
+def test_math_equal_false(pred, gold):
+    assert R.math_equal(pred, gold) is False
+
+
+# ---- safety: model text is never evaluated, and absurd inputs are refused or killed
+
+
+@pytest.mark.parametrize("pred", [
+    "__import__('os').system('touch pwned')",
+    "Matrix(open('pwned', 'w').write('x') and [[1]])",
+    "\\boxed{__import__('os').system('touch pwned')}",
+    "exec(\"open('pwned','w')\")", "lambda: open('pwned', 'w')",
+])
+def test_injection_is_never_run(pred, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the worker starts here: a created file would land in tmp_path
+    for proc in R._idle_workers:
+        proc.kill()
+    R._idle_workers.clear()
+    assert R.math_equal(pred, "2") is False
+    assert R.math_equal(pred, "\\begin{pmatrix}1\\end{pmatrix}") is False
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_checker_never_calls_eval_exec_or_sympify(monkeypatch):
+    """Run the whole comparison in this process with eval, exec and sympy's string parsers
+    booby-trapped: every case still gets its verdict, so none of them is ever reached."""
+    import sympy
+    import sympy.parsing.sympy_parser as sp
+    R._sympy()  # the import itself may use them; comparisons may not
+
+    def trap(*a, **k):
+        raise AssertionError("model text reached an evaluator")
+
+    def string_trap(real):  # imports run code objects through exec: only strings are trapped
+        return lambda src, *a, **k: trap() if isinstance(src, str) else real(src, *a, **k)
+    monkeypatch.setattr(builtins, "eval", string_trap(builtins.eval))
+    monkeypatch.setattr(builtins, "exec", string_trap(builtins.exec))
+    monkeypatch.setattr(sp, "parse_expr", trap)
+    monkeypatch.setattr(sympy, "parse_expr", trap)
+    monkeypatch.setattr(sympy, "sympify", lambda a, *r, **k: trap() if isinstance(a, str) else sympy.core.sympify.sympify(a, *r, **k))
+    cases = [("2\\sqrt{2}", "\\sqrt{8}", True), ("\\frac{x+1}{2}", "\\frac{x}{2}+\\frac12", True),
+             ("x \\in [1, 4)", "1 \\le x < 4", True), ("__import__('os')", "0", False), ("(1,2),(3,4)", "(3,4),(1,2)", True)]
+    for pred, gold, want in cases:
+        assert R._check(pred, gold) is want
+
+
+@pytest.mark.parametrize("pred", [
+    "10^{10^{10}}", "10**10**10", "9^{9^{9^{9}}}", "2^{-100000}", "1000!", "\\binom{100000}{50000}",
+    "1" * 200 + "+1", "(" * 2000 + "1" + ")" * 2000,
+])
+def test_absurd_inputs_are_refused_quickly(pred):
+    t = time.time()
+    assert R.math_equal(pred, "2") is False
+    assert time.time() - t < 2.5  # refused before computing, well inside the worker's time limit
+
+
+def test_a_check_past_the_time_limit_kills_the_worker_and_the_next_check_works():
+    R.math_equal("1", "1")  # a warm worker
+    (proc,) = R._idle_workers[-1:]
+    t = time.time()
+    assert R.math_equal("e^{e^{e^{e^{100}}}}", "1", timeout=0.5) is False  # would run for minutes
+    assert time.time() - t < 2.0
+    assert proc.wait(timeout=5) is not None and proc not in R._idle_workers  # killed, not reused
+    assert R.math_equal("\\frac{2}{4}", "0.5") is True
+
+
+# ---- format, language, length
 
 
 @pytest.mark.parametrize("completion, want", [
@@ -43,14 +163,63 @@ def test_math_equal(pred, gold, want):
     ("<answer>b</answer><think>a</think>", 0.0),                             # wrong order
     ("<think>a</think>", 0.0), ("<answer>b</answer>", 0.0), ("", 0.0),
     ("preamble <think>a</think><answer>b</answer>", 0.0),
+    ("<think>a</think>between<answer>b</answer>", 0.0),
 ])
 def test_format_reward(completion, want):
     assert R.format_reward(completion, {}) == want
 
 
+@pytest.mark.parametrize("completion, want", [
+    ("<think>a</think><answer>b</answer>", 1.0), ("<think>a</think>", 0.5), ("<think>a", 0.25),
+    ("<think>a</think><think>b</think><answer>c</answer>", 0.5), ("no tags", 0.0),
+])
+def test_format_tags_gives_partial_credit(completion, want):
+    assert R.format_tags(completion, {}) == want
+
+
+@pytest.mark.parametrize("think, lang, want", [
+    ("we add the two numbers and get seven", "en", 1.0),
+    ("we add 两个 numbers", "en", 3 / 5),                                    # 3 English words, 2 Han characters
+    ("我们把两个数相加", "zh", 1.0),
+    ("我们 add them", "zh", 2 / 4),
+    ("so $x + y = \\frac{a}{b}$ and x is even", "en", 1.0),                  # math, LaTeX and variables are not words
+    ("Считаем: two plus two", "ru", 1 / 4),
+    ("12 + 30 = 42", "en", 0.0),                                            # no words at all
+])
+def test_language_share_of_words_in_the_target_script(think, lang, want):
+    got = R.language(f"<think>{think}</think><answer>1</answer>", {"lang": lang})
+    assert got == pytest.approx(want)
+
+
+def test_language_defaults_to_english_and_rejects_unknown():
+    assert R.language("<think>hello there</think>", {}) == 1.0
+    with pytest.raises(ValueError, match="unknown language 'xx'"):
+        R.language("<think>hello</think>", {"lang": "xx"})
+
+
+@pytest.mark.parametrize("n, want", [(0, 0.0), (60, 0.0), (61, -0.05), (70, -0.5), (80, -1.0), (95, -1.0)])
+def test_overlong_penalty_is_dapo_soft_ramp(n, want):
+    # limit 80, buffer 20: free up to 60 tokens, then -1/20 per token down to -1 at 80
+    assert R.overlong("x", {"num_tokens": n, "max_tokens": 80, "overlong_buffer": 20}) == pytest.approx(want)
+
+
+def test_cosine_length_reward():
+    ex = {"answer": "4", "max_tokens": 100}
+    right, wrong = "<think>..</think><answer>4</answer>", "<think>..</think><answer>5</answer>"
+    assert R.cosine(right, {**ex, "num_tokens": 0}) == pytest.approx(1.0)
+    assert R.cosine(right, {**ex, "num_tokens": 50}) == pytest.approx(0.75)   # cos(pi/2) = 0: halfway
+    assert R.cosine(right, {**ex, "num_tokens": 100}) == pytest.approx(0.5)
+    assert R.cosine(wrong, {**ex, "num_tokens": 0}) == pytest.approx(-1.0)
+    assert R.cosine(wrong, {**ex, "num_tokens": 100}) == pytest.approx(-0.5)
+
+
+# ---- composition
+
+
 def test_accuracy_reward_uses_the_example_answer():
     assert R.accuracy("<think>3+4</think><answer>7</answer>", {"answer": "7"}) == 1.0
     assert R.accuracy("<think>3+4 = 7</think><answer>8</answer>", {"answer": "7"}) == 0.0
+    assert R.accuracy("<think>half</think><answer>\\frac{1}{2}</answer>", {"answer": 0.5}) == 1.0  # numbers in jsonl
 
 
 def test_parse_rewards_and_weighted_score():
@@ -62,15 +231,27 @@ def test_parse_rewards_and_weighted_score():
         R.parse_rewards("acc")
     with pytest.raises(ValueError, match="not a number"):
         R.parse_rewards("accuracy:x")
+    with pytest.raises(ValueError, match="not finite"):
+        R.parse_rewards("accuracy:nan")
+    with pytest.raises(ValueError, match="named twice"):
+        R.parse_rewards("format,format:2")
 
 
 def test_a_reward_that_raises_counts_zero_and_is_reported(monkeypatch):
     def broken(completion, example):
         raise RuntimeError("boom")
     monkeypatch.setitem(R.REWARDS, "broken", broken)
+    monkeypatch.setitem(R.REWARDS, "nan", lambda c, ex: float("nan"))
     total, parts, errors = R.score("<think>x</think><answer>7</answer>", {"answer": "7"},
-                                   R.parse_rewards("broken,format"))
-    assert total == 1.0 and parts == {"broken": 0.0, "format": 1.0}
-    assert errors == ["reward 'broken' raised RuntimeError: boom"]
+                                   R.parse_rewards("broken,format,nan"))
+    assert total == 1.0 and parts == {"broken": 0.0, "format": 1.0, "nan": 0.0}
+    assert errors == ["reward 'broken' raised RuntimeError: boom", "reward 'nan' raised ValueError: returned nan"]
     # a missing field is an error of the same kind, not a crash
     assert R.score("<answer>7</answer>", {}, R.parse_rewards("accuracy"))[2][0].startswith("reward 'accuracy' raised KeyError")
+
+
+def test_score_many_matches_score_one_by_one():
+    spec = R.parse_rewards("accuracy,format:0.5,format_tags:0.25")
+    texts = ["<think>a</think><answer>7</answer>", "<answer>7</answer>", "<think>b</think><answer>8</answer>", "7"]
+    examples = [{"answer": "7"}] * len(texts)
+    assert R.score_many(texts, examples, spec) == [R.score(t, e, spec) for t, e in zip(texts, examples)]
