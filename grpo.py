@@ -62,7 +62,11 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off")
     # rewards
-    p.add_argument("--rewards", default="accuracy,format", help="comma list of rewards.py names, optional :weight")
+    p.add_argument("--rewards", default="accuracy,format",
+                   help="comma list of rewards.py names with optional :weight, e.g. accuracy,format:0.5,language:0.1")
+    p.add_argument("--lang", default="en", help="target language of the language reward for examples without 'lang'")
+    p.add_argument("--overlong-buffer", type=int, default=None,
+                   help="tokens before --max-new-tokens where the overlong penalty starts; default a fifth (DAPO: 4096 of 20480)")
     # loss
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference model is loaded")
     p.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
@@ -130,6 +134,12 @@ def get_args(argv=None):
         R.parse_rewards(args.rewards)
     except ValueError as e:
         p.error(f"--rewards: {e}")
+    if args.lang not in R.SCRIPTS:
+        p.error(f"--lang: unknown language '{args.lang}' (known: {', '.join(sorted(R.SCRIPTS))})")
+    if args.overlong_buffer is None:
+        args.overlong_buffer = args.max_new_tokens // 5
+    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
+        p.error("--overlong-buffer must be between 0 and --max-new-tokens")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("several processes (torchrun) are not supported yet: run one process")
     return args
@@ -226,21 +236,24 @@ def next_prompts(num_examples, state, k, seed):
 
 
 def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p,
-            eos, rewards, generator, warn=print):
-    """Sample `group` completions per example and score them -> list of per-completion dicts."""
+            eos, rewards, generator, defaults, warn=print):
+    """Sample `group` completions per example and score them -> list of per-completion dicts.
+    defaults: example fields the rewards fall back on (the language, the overlong buffer)."""
     out = common.sample(model, prompt_ids, group, max_new_tokens, eos, tok.pad_token_id,
                         temperature, top_p, generator)
     lengths = out["mask"].sum(1).tolist()
     ids, truncated = out["ids"].tolist(), out["truncated"].tolist()
+    completions = [ids[i][: lengths[i]] for i in range(len(ids))]
+    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    # the length rules see the completion's length in tokens beside the example's fields
+    contexts = [{**defaults, **examples[i // group], "num_tokens": lengths[i], "max_tokens": max_new_tokens}
+                for i in range(len(ids))]
     rows = []
-    for i in range(len(ids)):
+    for i, (total, parts, errors) in enumerate(R.score_many(texts, contexts, rewards)):  # in parallel
         ex = examples[i // group]
-        completion = ids[i][: lengths[i]]
-        text = tok.decode(completion, skip_special_tokens=True)
-        total, parts, errors = R.score(text, ex, rewards)
         for e in errors:
             warn(f"warning: {ex.get('_where', '?')}: {e}")
-        rows.append({"prompt": prompt_ids[i // group], "completion": completion, "text": text,
+        rows.append({"prompt": prompt_ids[i // group], "completion": completions[i], "text": texts[i],
                      "truncated": truncated[i], "reward": total, "parts": parts, "example": ex})
     return rows
 
@@ -252,18 +265,23 @@ def evaluate(model, tok, examples, prompt_ids, args, eos, generator):
     for s in range(0, len(examples), args.prompts_per_step):
         rows = rollout(model, tok, examples[s:s + args.prompts_per_step], prompt_ids[s:s + args.prompts_per_step],
                        args.eval_samples, args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                       eos, checks, generator, warn=tqdm.write)
+                       eos, checks, generator, reward_defaults(args), warn=tqdm.write)
         for r in rows:
             acc, fmt, length, n = acc + r["parts"]["accuracy"], fmt + r["parts"]["format"], length + len(r["completion"]), n + 1
     return {"eval_pass@1": acc / n, "eval_format": fmt / n, "eval_len": length / n}
 
 
-def load_prompts(path, tok, template, max_new_tokens, context, need_answer):
+def reward_defaults(args):
+    """Fields the rewards read when an example does not carry them itself."""
+    return {"lang": args.lang, "overlong_buffer": args.overlong_buffer}
+
+
+def load_prompts(path, tok, template, max_new_tokens, context, need):
     """Read a jsonl file and tokenize its prompts; a prompt that cannot fit is an error naming its line."""
     if context and max_new_tokens >= context:
         raise common.UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                                f"context of {context} tokens")
-    examples = common.read_jsonl(path, required=("prompt", "answer") if need_answer else ("prompt",))
+    examples = common.read_jsonl(path, required=("prompt", *need))
     ids = []
     for ex in examples:
         text = common.format_prompt(ex["prompt"], tok, template)
@@ -306,11 +324,11 @@ def train(args):
 
     eos = common.eos_ids(model, tok)
     context = getattr(model.config, "max_position_embeddings", None)
-    need_answer = "accuracy" in rewards_names
-    examples, prompt_ids = load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need_answer)
+    need = sorted({R.NEEDS[name] for name in rewards_names if name in R.NEEDS})  # e.g. "answer", "tests"
+    examples, prompt_ids = load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need)
     eval_examples, eval_ids = [], []
     if args.eval_data:
-        eval_examples, eval_ids = load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context, True)
+        eval_examples, eval_ids = load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context, ["answer"])
         if args.eval_prompts:
             eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
     print(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
@@ -376,7 +394,7 @@ def train(args):
             with amp():
                 rows = rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
                                args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
-                               warn=tqdm.write)
+                               reward_defaults(args), warn=tqdm.write)
             sampled += rows
             for g in range(P):
                 group = rows[g * G:(g + 1) * G]
@@ -489,7 +507,8 @@ def train(args):
             for r in sampled[:G]:
                 common.append_jsonl(os.path.join(args.out, "samples.jsonl"), {
                     "step": step, "prompt": r["example"]["prompt"], "answer": r["example"].get("answer"),
-                    "completion": r["text"], "reward": r["reward"], "truncated": r["truncated"]})
+                    "completion": r["text"], "reward": r["reward"], "parts": r["parts"],
+                    "num_tokens": len(r["completion"]), "truncated": r["truncated"]})
 
         # 5. evaluate and save on their cadence, and at the end
         last = step == args.num_steps

@@ -285,6 +285,8 @@ def test_more_bad_input(capsys, tiny_dir, data, tmp_path):
     (["--num-steps", "0"], "--num-steps"),
     (["--eval-temperature", "-1"], "--eval-temperature"),
     (["--eval-prompts", "2"], "--eval-prompts"),
+    (["--lang", "klingon"], "--lang"),
+    (["--overlong-buffer", "9"], "--overlong-buffer"),  # more than --max-new-tokens 8
 ])
 def test_contradictory_or_wrong_flags_name_the_flag(capsys, tiny_dir, data, tmp_path, flags, named):
     assert named in fails(capsys, tiny_dir, data, tmp_path, *flags)
@@ -302,3 +304,35 @@ def test_command_line(tiny_dir, data, tmp_path):
     bad = subprocess.run(cmd + ["--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, env=env,
                          timeout=120)
     assert bad.returncode != 0 and "nope.jsonl: no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------- rewards in the loop
+
+def test_every_reward_component_is_logged_and_sees_lengths_and_defaults(tiny_dir, data, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(completion, example):
+        seen.append(dict(example))
+        return 0.0
+    monkeypatch.setitem(R.REWARDS, "spy", spy)
+    out = tmp_path / "run"
+    run(tiny_dir, data, out, "--num-steps", "2", "--rewards", "format,language:0.1,overlong:0.5,spy",
+        "--overlong-buffer", "4", "--lang", "zh", "--sample-every", "1")
+    steps = [l for l in map(json.loads, open(out / "metrics.jsonl")) if "reward" in l]
+    for l in steps:
+        assert {"format", "language", "overlong", "spy", "accuracy"} <= set(l)
+        assert l["reward"] == pytest.approx(l["format"] + 0.1 * l["language"] + 0.5 * l["overlong"])
+    assert len(seen) == 2 * 4 * 8
+    for ex in seen:  # the example's own fields, the flags' defaults and the completion's length
+        assert ex["lang"] == "zh" and ex["overlong_buffer"] == 4 and ex["max_tokens"] == 8
+        assert 1 <= ex["num_tokens"] <= 8 and "prompt" in ex and "answer" in ex
+    samples = [json.loads(l) for l in open(out / "samples.jsonl")]
+    assert len(samples) == 2 * 8
+    for s in samples:  # 8 tokens with a buffer of 4: n tokens cost (n - 4) / 4 past 4 tokens
+        assert s["parts"]["overlong"] == pytest.approx(-max(0, s["num_tokens"] - 4) / 4)
+    assert any(s["parts"]["overlong"] < 0 for s in samples)
+
+
+def test_code_rewards_need_tests_in_the_data(capsys, tiny_dir, data, tmp_path):
+    msg = fails(capsys, tiny_dir, data, tmp_path, "--rewards", "code")
+    assert "train.jsonl:1: missing field 'tests'" in msg
