@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import select
 import selectors
 import shutil
 import signal
@@ -43,17 +42,26 @@ THINK_END = "</think>"
 
 
 def find_boxes(text):
-    r"""[(start, end, content)] of every \boxed{...} / \fbox{...}, nested braces allowed.
-    An unbalanced box is skipped rather than guessed."""
-    out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth = 1
-        for j in range(m.end(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                out.append((m.start(), j + 1, text[m.end():j]))
-                break
+    r"""[(start, end, content)] of every outermost \boxed{...} / \fbox{...}, nested braces
+    allowed, in one pass. An unbalanced box is skipped rather than guessed."""
+    out, stack, i = [], [], 0  # stack: for each open brace, where its box began (or None)
+    while i < len(text):
+        m = BOX_OPEN.match(text, i) if text[i] == "\\" else None
+        if m:
+            stack.append(m.start())
+            i = m.end()
+            continue
+        if text[i] == "{":
+            stack.append(None)
+        elif text[i] == "}" and stack:
+            start = stack.pop()
+            if start is not None and not any(s is not None for s in stack):  # an outermost box
+                out.append((start, i + 1, text[BOX_OPEN.match(text, start).end():i]))
+        i += 1
     return out
+
+
+BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def last_boxed(text):
@@ -67,9 +75,10 @@ def last_boxed(text):
 def _joins(gap):
     gap = re.sub(r"\\(?:text|mbox|textnormal)\s*\{([^{}]*)\}", r"\1", gap)
     gap = re.sub(r"\\q?quad|\\[,;:! ]|\\[()\[\]]|\$", " ", gap).strip()
-    if len(gap) > 32:
-        return False
-    return not re.search(r"[A-Za-z]", gap) or bool(re.search(r"(^|\W)(and|or)(\W|$)|[,;和或]", gap))
+    words = [w for w in re.findall(r"[A-Za-z]+", gap) if w not in ("and", "or")]
+    if len(gap) > 32 or len(words) > 3 or re.search(r"[.!?](\s|$)", gap):
+        return False  # "\boxed{3}. Wait, let me recheck. \boxed{4}": a correction, not a list
+    return not words or bool(re.search(r"(^|\W)(and|or)(\W|$)|[,;和或]", gap))
 
 
 def _tail_run(spans, text):
@@ -138,12 +147,13 @@ def extract_answer(completion):
     if bare and _looks_bare(bare):
         return bare
     first = False
-    for mark in (FINAL_MARK, re.compile(r"####"), ANSWER_MARK):
+    gsm8k = text.rsplit("####", 1)[1] if "####" in text and not FINAL_MARK.search(text) else None
+    if gsm8k is not None:
+        return gsm8k.strip().split("\n")[0].strip().rstrip(".") or None
+    for mark in (FINAL_MARK, ANSWER_MARK):  # the first thing after the last marker
         found = list(mark.finditer(text))
         if found:
             text, first = text[found[-1].end():], True
-            if mark.pattern == "####":
-                return text.strip().split("\n")[0].strip().rstrip(".") or None
             break
     spans = _candidates(text)
     if spans:
@@ -167,6 +177,7 @@ MAX_ANSWER_CHARS = 1000   # longer answers are compared as strings, never parsed
 MAX_DIGITS = 100          # integer literals longer than this are refused
 MAX_RESULT_DIGITS = 1000  # a power or factorial whose value would be longer is refused
 MAX_ITEMS = 64            # elements of a list, set or matrix
+MAX_EXPONENT = 10_000     # larger exponents are refused, even on a variable
 
 
 class NotMath(ValueError):
@@ -181,12 +192,14 @@ RELATIONS = {"=": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "!=": "!=", r
              r"\ne": "!=", r"\neq": "!=", r"\approx": "~", r"\in": "in", r"\equiv": "="}
 FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
              "ln", "log", "exp"}
-UNITS = {"cm", "mm", "km", "kg", "mg", "ml", "mph", "sec", "min", "hour", "hours", "minutes", "seconds", "meter",
+UNITS = {"cm", "mm", "km", "kg", "mg", "ml", "mph", "min", "hour", "hours", "minutes", "seconds", "meter",
          "meters", "metres", "mile", "miles", "feet", "foot", "inch", "inches", "unit", "units", "degree",
-         "degrees", "dollar", "dollars", "cents", "yuan", "cm^2", "sq"}
+         "degrees", "dollar", "dollars", "cents", "yuan"}
 TEXT_CMDS = {r"\text", r"\textbf", r"\textit", r"\textnormal", r"\mbox", r"\mathrm", r"\mathbf", r"\mathit",
              r"\operatorname", r"\mathsf", r"\rm", r"\overline", r"\vec", r"\hat", r"\bar", r"\mathbb"}
-FUNC_LETTERS = set("fghFGHPQW")  # a letter that reads as a function before "(": f(x), P(x)
+FUNC_LETTERS = set("fghFGHPQW")
+SHORT_WORDS = {"is", "it", "so", "of", "to", "be", "we", "in", "on", "at", "an", "as", "by", "if", "no", "do",
+               "my", "me", "he", "up", "us"}  # a letter that reads as a function before "(": f(x), P(x)
 
 
 def clean(s):
@@ -201,6 +214,8 @@ def clean(s):
     s = re.sub(r"\\end\{(?:array|[pbvBV]?matrix)\}", r"\\matend ", s)
     s = re.sub(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([-+]?\d+)(?![\w.])", r"\1\\times 10^{\2}", s)  # 1e-05
     s = re.sub(r"\\[dtc]frac(?![A-Za-z])", r"\\frac", s).replace(r"\dbinom", r"\binom")
+    s = re.sub(r"(?<![\w.}^_{])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", r"(\1+\\frac{\2}{\3})", s)  # 2\frac12 = 5/2
+    s = re.sub(r"\\(?:boxed|fbox)\s*\{", "{", s)  # a box inside the answer is only braces
     s = re.sub(r"\\q?quad|(?<!\\)\\[,;:! ]|~", " ", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)
     s = re.sub(r"(\\%|%|\bpercentage\b|\bpercent\b|\bpct\b)", "%", s)
@@ -240,9 +255,11 @@ def tokenize(s):
             if text.lower() in UNITS and toks and toks[-1][0] in ("num", "op") and toks[-1][1] not in "(,;":
                 space = True
                 continue  # "125 miles": the unit is not part of the value
+            if text.lower() in SHORT_WORDS and not text.isupper():
+                raise NotMath(f"the word {text!r}")  # "So it is 5": prose, not x times y
             if text in FUNCTIONS:
                 kind, text = "cmd", "\\" + text
-            elif toks and (toks[-1][1] == "_" or toks[-1][1] == "{" and toks[-2][1] == "_"):
+            elif toks and (toks[-1][1] == "_" or toks[-1][1] == "{" and len(toks) > 1 and toks[-2][1] == "_"):
                 kind = "name"  # a subscript: S_{MBCN}
             elif len(text) >= 3:
                 raise NotMath(f"the word {text!r}")  # prose, not math
@@ -258,6 +275,12 @@ def tokenize(s):
 def _sympy():
     import sympy  # imported on first use, in the worker process
     return sympy
+
+
+def _letter(c):
+    """A one-letter name: e is Euler's number, every other letter a variable."""
+    S = _sympy()
+    return S.E if c == "e" else S.Symbol(c)
 
 
 class Parser:
@@ -382,16 +405,17 @@ class Parser:
                     raise NotMath("factorial too large")
                 base = ("expr", self.S.factorial(n))
                 continue
-            exp = self.expr(self.arg(signed=True))
+            exp = self.expr(self.arg(signed=True, whole=True))
             base = ("expr", self.guarded_pow(self.expr(base), exp))
         return base
 
     def guarded_pow(self, b, e):
         """b**e, refusing before computing when the value would have thousands of digits."""
         S = self.S
-        if b.is_number and e.is_number and e.is_real and abs(e) > 1:
-            size = abs(S.N(e, 15)) * (S.log(abs(S.N(b, 15)) + 1, 10) if b != 0 else 0)
-            if size > MAX_RESULT_DIGITS or abs(e) > 10 ** 6:
+        if e.is_number and e.is_real and abs(e) > 1:
+            if abs(e) > MAX_EXPONENT:
+                raise NotMath("exponent too large")
+            if b.is_number and b != 0 and abs(e) * abs(S.log(abs(S.N(b, 15)), 10)) > MAX_RESULT_DIGITS:
                 raise NotMath("power too large")
         return b ** e
 
@@ -403,14 +427,14 @@ class Parser:
         return value[1]
 
     # atoms ---------------------------------------------------------------------------------
-    def arg(self, signed=False):
+    def arg(self, signed=False, whole=False):
         r"""One argument of \frac, ^, \sqrt: a {group}, or a single character as in \frac12."""
         kind, text, _ = self.peek()
         if text == "{" and kind == "op":
             self.take()
             value = self.answer_until("}")
             return value
-        if kind == "num" and len(text) > 1 and "." not in text:
+        if kind == "num" and len(text) > 1 and "." not in text and not whole:  # whole: 2^10 is 1024
             self.t[self.i] = ("num", text[1:], False)  # \frac94: 9 now, 4 left for the next
             return ("expr", self.S.Integer(text[0]))
         if signed and self.at("-", "+"):
@@ -429,10 +453,12 @@ class Parser:
         if kind == "num":
             if len(text) > MAX_DIGITS:
                 raise NotMath("number too long")
+            if len(text.partition(".")[2]) > 6:  # 0.0833333333: a rounded value, not an exact one
+                return ("expr", S.Float(text, 40))
             return ("expr", S.Rational(text))
         if kind == "text":
             if re.fullmatch(r"[A-Za-z]", text):
-                return ("expr", S.Symbol(text))  # \mathrm{e}, \mathbf{v}
+                return ("expr", _letter(text))  # \mathrm{e}, \mathbf{v}
             return ("text", text)
         if kind == "name":
             return self.name(text, tok)
@@ -467,8 +493,8 @@ class Parser:
             return ("expr", num / den)
         if text == r"\binom":
             n, k = self.expr(self.arg()), self.expr(self.arg())
-            if n.is_number and abs(n) > 10 ** 4:
-                raise NotMath("binomial too large")
+            if (n.is_number and abs(n) > 3000) or (k.is_number and abs(k) > 3000):
+                raise NotMath("binomial too large")  # C(3000, 1500) has ~900 digits
             return ("expr", S.binomial(n, k))
         if text == r"\sqrt":
             index = 2
@@ -498,17 +524,16 @@ class Parser:
         S = self.S
         if self.at("_"):  # x_1, a_{37}: one symbol; F_{n-1}: a function of the subscript
             self.take()
-            if self.peek()[0] in ("num", "name") and self.peek(1)[1] != "(" or self.peek()[1] == "{":
-                sub_tokens = self.raw_arg()
-                if re.fullmatch(r"[A-Za-z0-9]+", sub_tokens):
-                    return ("expr", S.Symbol(f"{letter}_{sub_tokens}"))
-                return ("expr", S.Function(f"{letter}_")(self.expr(Parser(tokenize(sub_tokens)).answer())))
+            sub = self.raw_arg()
+            if re.fullmatch(r"[A-Za-z0-9]+", sub):
+                return ("expr", S.Symbol(f"{letter}_{sub}"))
+            return ("expr", S.Function(f"{letter}_")(self.expr(Parser(tokenize(sub)).answer())))
         if letter in FUNC_LETTERS and self.at("(") and not self.peek()[2]:
             self.take()
             args = self.items(closers=(")",))
             self.take(")")
             return ("expr", S.Function(letter)(*[self.expr(a) for a in args]))
-        return ("expr", S.Symbol(letter))
+        return ("expr", _letter(letter))
 
     def raw_arg(self):
         """The source text of a subscript, to name a symbol like a_{37}."""
@@ -520,8 +545,13 @@ class Parser:
                 depth += {"{": 1, "}": -1}.get(text, 0) if kind == "op" else 0
                 if depth == 0:
                     return "".join(parts)
-                parts.append(text if kind != "text" else text)
-        return self.take()[1][0] if self.peek()[0] == "num" else self.take()[1]
+                parts.append(text)
+        kind, text, _ = self.take()
+        if kind == "num" and len(text) > 1:  # x_12 is x_1 times 2, as in LaTeX
+            self.i -= 1
+            self.t[self.i] = ("num", text[1:], False)
+            return text[0]
+        return text
 
     def function(self, name):
         S = self.S
@@ -536,8 +566,10 @@ class Parser:
             self.take()
             inner = self.expr(self.sum())
             self.take(")")
-        else:
+        else:  # \sin 2x: the argument runs over the numbers and letters that follow
             inner = self.expr(self.power())
+            while self.peek()[0] in ("num", "name"):
+                inner = inner * self.expr(self.power())
         f = {"ln": S.log, "arcsin": S.asin, "arccos": S.acos, "arctan": S.atan}.get(name) or getattr(S, name)
         value = S.log(inner, base) if base is not None else f(inner)
         return ("expr", value ** power if power is not None else value)
@@ -602,26 +634,31 @@ def parse(text):
 
 # ----------------------------------------------------------------------------------------
 # math answers, step 3: decide equality. Conventions (documented in the README too):
-# - numbers compare exactly when both are integers, else to a relative 1e-9;
+# - exact numbers compare exactly (1/3 is not 0.333333); a decimal with more than 6
+#   places is a rounded value and compares to a relative 1e-9 (0.0833333333 is 1/12);
 # - a percentage equals both its number and its fraction (28% = 28 = 0.28);
 # - "1,22" alone is read as 1.22 or as the list 1, 22 (decimal comma); "7,425,000" and
 #   "1 000" are thousands; "x = 5", "(p,q) = (3,2)", "f(x) = 1" compare by their right side;
-# - a comma list is ordered ("4, 10, -2" is not "10, 4, -2", as in the MATH grader); a
-#   set \{...\}, the two values of a ±, and lists of tuples or of separately boxed answers
-#   are unordered and ignore repeats;
+# - the reference decides whether order matters: a comma list or a tuple is ordered
+#   ("4, 10, -2" is not "10, 4, -2", as in the MATH grader); a set \{...\}, the two values
+#   of a ±, a list of tuples and separately boxed answers are unordered, repeats ignored;
 # - (a, b) is a tuple and also equals the open interval; a < x < b equals the interval;
 # - equations are equal when one is a non-zero multiple of the other (2x+4y-3=0 is
 #   y = -x/2 + 3/4); inequalities when a positive multiple (-x > -1 is x < 1);
-# - expressions with variables are compared at three fixed points, then by simplify.
+# - 2^10 is 1024, 2\frac12 is 5/2, \sin 2x is sin(2x), e is Euler's number;
+# - expressions with variables are compared at five fixed points, two of them negative
+#   (where a side is not real there, as sqrt(x)sqrt(y), that point is skipped); when
+#   they cannot be evaluated (f(x), sums), by structure after expanding;
+# - in a chain a = b = c the last part is the answer (x = 2+3 = 5 is 5).
 
 REL_TOL = 1e-9
 
 
 def values(answer):
-    """All readings of an answer: [value, ...] (usually one; two for "1,22" and "28%")."""
+    """All readings of an answer: [value, ...]; two for "1,22", which may be 1.22."""
     out = [canon(parse(answer))]
     text = clean(answer)
-    if re.fullmatch(r"[-+]?\d+,\d+", text):  # decimal comma: "1,22" may be 1.22
+    if re.fullmatch(r"[-+]?\d+,\d+", text) and not re.fullmatch(r"[-+]?[1-9]\d{0,2},\d{3}", text):
         out.append(("expr", _sympy().Rational(text.replace(",", "."))))
     return out
 
@@ -666,8 +703,19 @@ def named(v):
         return all(named(x) for x in v[1])
     if v[0] != "expr" or isinstance(v[1], S.MatrixBase):
         return False
-    e = v[1]  # a product of names, not a sum: x + y = 5 is an equation, not a name for 5
-    return not e.is_Add and bool(e.free_symbols) and all(abs(n) == 1 for n in e.atoms(S.Number))
+    return _is_name(v[1])
+
+
+def _is_name(e):
+    """x, a_3, f(x), |AB|, or a ratio of names like NO/BO; not -x, 2x, x^{-1} or x + y."""
+    S = _sympy()
+    if e.is_Symbol or isinstance(e, (S.Abs, S.core.function.AppliedUndef)):
+        return bool(e.free_symbols)
+    if e.is_Mul:
+        tops = [f for f in e.args if not (f.is_Pow and f.exp == -1)]
+        return bool(tops) and all(_is_name(f) for f in tops) and all(
+            _is_name(f.base) for f in e.args if f.is_Pow and f.exp == -1)
+    return False
 
 
 def _relation(ops, parts):
@@ -675,7 +723,7 @@ def _relation(ops, parts):
     if "~" in ops:  # x = 1/3 ≈ 0.33: the approximation is not the answer
         k = ops.index("~")
         if k == 0 and named(parts[0]):
-            ops, parts = ["="] + ops[1:], parts
+            ops = ["="] + ops[1:]
         else:
             ops, parts = ops[:k], parts[:k + 1]
         if not ops:
@@ -723,23 +771,29 @@ def _group_solutions(items, ordered):
 
 
 def _points(symbols):
-    """Three fixed assignments of the variables: deterministic, away from 0, 1 and poles."""
+    """Five fixed assignments of the variables: deterministic, away from 0, 1 and each other;
+    two are negative, so |x| and x, or sqrt(x^2) and x, differ."""
     S = _sympy()
-    q = [S.Rational(a, b) for a, b in ((13, 10), (17, 7), (19, 11), (23, 13), (29, 17), (31, 19), (37, 23))]
+    q = [S.Rational(a, b) for a, b in ((13, 10), (17, 7), (5, 11), (23, 13), (-29, 17), (31, 19), (-37, 23))]
     syms = sorted(symbols, key=str)
-    return [{s: q[(3 * t + j) % len(q)] for j, s in enumerate(syms)} for t in range(3)]
+    return [{s: q[(3 * t + j) % len(q)] for j, s in enumerate(syms)} for t in range(5)]
 
 
 def _number(e, point):
+    """e at the point, to 40 digits, or None when it has no finite value there."""
     S = _sympy()
-    v = S.N(e.subs(point), 30)
-    if not v.is_number or v.has(S.zoo, S.nan):
+    if e.has(S.Sum):
+        return None  # an unevaluated sum: compared by structure, never summed
+    v = S.N(e.subs(point), 40)
+    if not v.is_number or v.has(S.zoo, S.nan, S.oo, -S.oo) or not v.is_finite:
         return None
-    return complex(v)
+    return v
 
 
-def _close(x, y):
-    return abs(x - y) <= REL_TOL * max(1.0, abs(x), abs(y))
+def _close(x, y, tol):
+    """|x - y| <= tol * max(|x|, |y|): relative, so 1e-10 is not 0 and 10^400 is not 72."""
+    S = _sympy()
+    return bool(S.N(abs(x - y), 40) <= tol * S.N(max(abs(x), abs(y)), 40))
 
 
 def same_expr(a, b):
@@ -749,13 +803,17 @@ def same_expr(a, b):
                 and all(same_expr(x, y) for x, y in zip(a, b)))
     if a == b:
         return True
-    if (a.is_Integer and b.is_Integer) or a.has(S.oo, -S.oo) or b.has(S.oo, -S.oo):
-        return False
+    if (a.is_Rational and b.is_Rational) or a.has(S.oo, -S.oo) or b.has(S.oo, -S.oo):
+        return False  # exact numbers compare exactly
+    # a decimal the model rounded compares to REL_TOL; exact expressions to 40 digits
+    tol = REL_TOL if a.has(S.Float) or b.has(S.Float) else S.Rational(1, 10 ** 30)
     for point in _points(a.free_symbols | b.free_symbols):
         x, y = _number(a, point), _number(b, point)
         if x is None or y is None:
-            return S.simplify(a - b) == 0  # undefined functions, sums: by algebra
-        if not _close(x, y):
+            return S.expand(a - b) == 0  # undefined functions, sums: by algebra
+        if any(v < 0 for v in point.values()) and not (x.is_real and y.is_real):
+            continue  # sqrt(x)sqrt(y) = sqrt(xy) only for x, y > 0: judge on the real branch
+        if not _close(x, y, tol):
             return False
     return True
 
@@ -763,20 +821,21 @@ def same_expr(a, b):
 def _proportional(d1, d2, positive):
     """d1 = c * d2 for one constant c != 0 (c > 0 when positive): the same relation."""
     S = _sympy()
+    tol = REL_TOL if d1.has(S.Float) or d2.has(S.Float) else S.Rational(1, 10 ** 30)
     ratios = []
     for point in _points(d1.free_symbols | d2.free_symbols):
         x, y = _number(d1, point), _number(d2, point)
         if x is None or y is None:
             return d1 == d2 or (not positive and d1 == -d2)
-        if abs(y) < 1e-12 or abs(x) < 1e-12:
-            if abs(y) < 1e-12 and abs(x) < 1e-12:
+        if x == 0 or y == 0:
+            if x == 0 and y == 0:
                 continue
             return False
-        ratios.append(x / y)
+        ratios.append(S.N(x / y, 40))
     if not ratios:
-        return S.simplify(d1) == 0 and S.simplify(d2) == 0
+        return S.expand(d1) == 0 and S.expand(d2) == 0
     c = ratios[0]
-    return all(_close(r, c) for r in ratios) and (not positive or (abs(c.imag) < 1e-12 and c.real > 0))
+    return all(_close(r, c, tol) for r in ratios) and (not positive or (c.is_real and c > 0))
 
 
 def _as_interval(v):
@@ -795,9 +854,13 @@ def _as_interval(v):
     return ("interval", c, S.oo, op == "<=", False)
 
 
+def _name(v):
+    return "e" if v == _sympy().E else str(v)
+
+
 def _norm_text(s):
-    s = re.sub(r"\\(?:text\w*|math\w+|mbox)\{([^{}]*)\}", r"\1", str(s))
-    s = re.sub(r"[\s{}()\\$]", "", str(s))
+    s = re.sub(r"\\(?:text\w*|math\w+|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"[\s{}()\\$]", "", s)
     return s.casefold() if len(s) > 1 else s
 
 
@@ -821,7 +884,7 @@ def same(a, b):
     if ka == kb == "expr":
         return same_expr(a[1], b[1])
     if ka == kb == "text" or {ka, kb} == {"text", "expr"}:
-        return _norm_text(a[1]) == _norm_text(b[1])
+        return _norm_text(_name(a[1])) == _norm_text(_name(b[1]))
     if ka == kb == "ineq":
         return a[1] == b[1] and _proportional(a[2], b[2], positive=a[1] != "!=")
     if ka == "ineq" or kb == "ineq":
@@ -838,8 +901,8 @@ def same(a, b):
     if ka in ("list", "tuple", "set") and kb in ("list", "tuple", "set"):
         if ka == kb == "tuple" and a[2] != b[2]:
             return False
-        ordered = (ka != "set" and kb != "set" and (ka != "list" or a[2]) and (kb != "list" or b[2])
-                   and not any(x[0] == "tuple" for x in a[1] + b[1]))
+        # the reference (b) decides whether order matters: a set {2, 1} is not the tuple (1, 2)
+        ordered = kb == "tuple" or (kb == "list" and b[2] and not any(y[0] == "tuple" for y in b[1]))
         return _same_items(a[1], b[1], ordered)
     if ka == kb == "rel":
         return a[1] == b[1] and _same_items(a[2], b[2], ordered=True)
@@ -875,8 +938,8 @@ def _check(pred, gold):
         return False
     try:
         return any(same(x, y) for x in values(a) for y in values(b))
-    except (NotMath, ZeroDivisionError, TypeError, ValueError, AttributeError, IndexError, RecursionError):
-        return _norm_text(clean(a)) == _norm_text(clean(b))  # not math: compare as text
+    except (NotMath, ArithmeticError, TypeError, ValueError, AttributeError, IndexError, RecursionError):
+        return _norm_text(clean(a)) == _norm_text(clean(b))  # not math (or not comparable): as text
 
 
 # ----------------------------------------------------------------------------------------
@@ -885,6 +948,7 @@ def _check(pred, gold):
 # --math-worker) and a worker that misses the deadline is killed, not asked to stop.
 
 MATH_TIMEOUT = 3.0  # seconds per comparison, after the worker has started
+MAX_IDLE_WORKERS = 2 * (os.cpu_count() or 1)  # more idle workers than this are stopped
 _idle_workers, _workers_lock = [], threading.Lock()
 
 
@@ -892,22 +956,34 @@ def _start_math_worker():
     proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "--math-worker"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     if _read_line(proc, 60.0) != b"ready\n":  # importing sympy takes ~0.5 s
-        proc.kill()
+        _stop(proc)
         raise RuntimeError("the math worker process did not start")
     return proc
+
+
+def _stop(proc):
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:  # unflushed bytes for a dead worker
+            pass
 
 
 def _read_line(proc, timeout):
     """One line from the worker, or None when it does not answer in time (or died)."""
     fd, buf, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while not buf.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return None
-        buf += chunk
+    with selectors.DefaultSelector() as sel:  # not select(): fine past 1024 open files
+        sel.register(fd, selectors.EVENT_READ)
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            buf += chunk
     return buf
 
 
@@ -916,19 +992,36 @@ def math_equal(pred, gold, timeout=MATH_TIMEOUT):
     gold. False on a timeout: the worker doing the comparison is killed."""
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
-    with _workers_lock:
-        proc = _idle_workers.pop() if _idle_workers else None
-    if proc is None or proc.poll() is not None:
-        proc = _start_math_worker()
-    proc.stdin.write(json.dumps([pred, gold]).encode() + b"\n")
-    proc.stdin.flush()
-    reply = _read_line(proc, timeout)
-    if reply is None:
-        proc.kill()
-        proc.wait()
+    request = json.dumps([pred, gold]).encode() + b"\n"
+    for attempt in range(2):  # a second try, on a new worker, only when the first one had died
+        proc = None
+        with _workers_lock:
+            while _idle_workers and attempt == 0 and proc is None:
+                proc = _idle_workers.pop()
+                if proc.poll() is not None:  # died while idle
+                    _stop(proc)
+                    proc = None
+        proc = proc or _start_math_worker()
+        try:
+            proc.stdin.write(request)
+            proc.stdin.flush()
+            reply = _read_line(proc, timeout)
+        except OSError:  # a broken pipe: the worker had died
+            reply = None
+        if reply is not None:
+            break
+        died = proc.poll() is not None
+        _stop(proc)
+        if not died:
+            return False  # past the time limit: killed
+    else:
         return False
     with _workers_lock:
-        _idle_workers.append(proc)
+        keep = len(_idle_workers) < MAX_IDLE_WORKERS
+        if keep:
+            _idle_workers.append(proc)
+    if not keep:
+        _stop(proc)
     return json.loads(reply) is True
 
 
@@ -936,6 +1029,13 @@ def _math_worker():
     """Answer [pred, gold] lines with true/false until stdin closes."""
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a runaway expansion fails here, not in the host
+    parent = os.getppid()
+
+    def watch():  # die with the parent, even in the middle of a long check
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True).start()
     sys.setrecursionlimit(5000)
     _sympy()
     sys.stdout.write("ready\n")
