@@ -44,30 +44,27 @@ THINK_END = "</think>"
 def find_boxes(text):
     r"""[(start, end, content)] of every outermost \boxed{...} / \fbox{...}, nested braces
     allowed, in one pass. An unbalanced box is skipped rather than guessed."""
-    out, stack, i = [], [], 0  # stack: for each open brace, where its box began (or None)
+    out, stack, open_boxes, i = [], [], 0, 0  # stack: for each open brace, where its box began (or None)
     while i < len(text):
         m = BOX_OPEN.match(text, i) if text[i] == "\\" else None
         if m:
             stack.append(m.start())
+            open_boxes += 1
             i = m.end()
             continue
         if text[i] == "{":
             stack.append(None)
         elif text[i] == "}" and stack:
             start = stack.pop()
-            if start is not None and not any(s is not None for s in stack):  # an outermost box
-                out.append((start, i + 1, text[BOX_OPEN.match(text, start).end():i]))
+            if start is not None:
+                open_boxes -= 1
+                if open_boxes == 0:  # an outermost box
+                    out.append((start, i + 1, text[BOX_OPEN.match(text, start).end():i]))
         i += 1
     return out
 
 
 BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed(text):
-    r"""Content of the last \boxed{...}; None if there is none."""
-    boxes = find_boxes(text)
-    return boxes[-1][2] if boxes else None
 
 
 # Several answers boxed (or typeset) one after the other are one list answer when only a
