@@ -412,7 +412,8 @@ def train(args):
         if "accuracy" not in record and all("answer" in r["example"] for r in sampled):
             # accuracy is logged even when it is not trained on (for example --rewards format)
             check = R.parse_rewards("accuracy")
-            record["accuracy"] = float(np.mean([R.score(r["text"], r["example"], check)[0] for r in sampled]))
+            scored = R.score_many([r["text"] for r in sampled], [r["example"] for r in sampled], check)
+            record["accuracy"] = float(np.mean([total for total, _, _ in scored]))
         record["len"] = float(np.mean([len(r["completion"]) for r in sampled]))
         record["trunc"] = float(np.mean([r["truncated"] for r in sampled]))
         record["zero_var"] = zero_var

@@ -1360,7 +1360,7 @@ FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", f
 
 def extract_code(completion):
     """The last fenced Python block (```python, ```py or a bare ```) after the last </think>; None if absent."""
-    text = completion.rsplit("</think>", 1)[-1]
+    text = completion.rsplit(THINK_END, 1)[-1]
     blocks = [body for lang, body in FENCE.findall(text) if lang.lower() in ("", "python", "py", "python3")]
     return blocks[-1] if blocks else None
 
