@@ -15,6 +15,10 @@ torch.set_num_threads(1)  # repeatable float sums, and CI has 2 cores
 import common  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end check of several seconds; still runs in CI")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A freshly initialised 2-layer Qwen2 model and its locally trained tokenizer, on disk."""

@@ -1,0 +1,560 @@
+"""Rejection sampling and evaluation: sample many completions per prompt, keep the verified.
+
+R1 turns an RL checkpoint into SFT data this way: several samples per prompt, scored by the
+same rules as training (rewards.py), and only the correct ones that are well formed, in
+one language and not too long are kept. The same sampling and scoring is R1's evaluation
+protocol (temperature 0.6, top-p 0.95, k samples per question; pass@1 is the mean
+correctness over the k, cons@k the correctness of the majority-vote answer), so with
+--eval-only this script is the project's evaluator and writes nothing but its report.
+
+Files, for --out kept.jsonl:
+    kept.jsonl         kept samples, ready for sft.py: prompt, completion, score, model, ...
+    kept.pass.jsonl    one line per prompt: its own fields plus pass rate and counts; it is
+                       valid grpo.py --data, and --rl-out keeps the prompts with
+                       0.1 < pass rate < 0.9, the ones RL still learns from
+    kept.run.json      the flags, checked when the run is resumed
+    kept.report.json   the report printed at the end
+Both jsonl files grow batch by batch. A restarted run skips the prompts already done and,
+with the same flags, writes exactly the files an uninterrupted run writes.
+
+Deliberate simplifications:
+- a sample is correct when the first of accuracy, cosine, code, code_strict named in
+  --rewards says so (accuracy 1, all tests passed, cosine > 0);
+- the majority vote groups extracted answers by rewards.math_equal against the first
+  answer of each group; samples without an answer do not vote;
+- duplicates are exact matches after collapsing whitespace;
+- under torchrun, process r samples prompts r, r + W, r + 2W, ... into its own files
+  (so each process resumes on its own); at the end process 0 gathers every record over
+  gloo (no shared disk needed) and writes the merged, ordered files.
+
+    python reject_sample.py --model out/grpo/step-000100 --data train.jsonl --num-samples 8 --out kept.jsonl
+    python reject_sample.py --model Qwen2.5-Math-1.5B --data test.jsonl --num-samples 16 --eval-only
+    torchrun --nproc_per_node 8 reject_sample.py --model M --data train.jsonl --num-samples 64 --out kept.jsonl
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+import rewards as R
+
+# the reward that decides "correct", and the value that counts as correct
+CORRECT = {"accuracy": lambda v: v >= 1, "code": lambda v: v >= 1, "code_strict": lambda v: v >= 1,
+           "cosine": lambda v: v > 0}
+# flags that change what a sample or a kept line means: a resumed run must repeat them
+RESUME_KEYS = ["model", "template", "data", "num_samples", "max_new_tokens", "temperature", "top_p",
+               "rewards", "lang", "format_check", "min_language", "max_kept_tokens", "keep_per_prompt",
+               "keep_order"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model
+    p.add_argument("--model", required=True, help="local folder, hub id, or short name (Qwen2.5-0.5B)")
+    p.add_argument("--template", default="r1", choices=["r1", "chat", "raw"],
+                   help="prompt format, as in grpo.py and sft.py; train on the kept file with the same one")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps; under torchrun auto = cuda:LOCAL_RANK")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights and compute dtype (no training here); auto = bfloat16 on CUDA, else float32")
+    # data
+    p.add_argument("--data", required=True, help="prompts, jsonl with 'prompt' and what --rewards needs ('answer', 'tests')")
+    p.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts; 0 = all")
+    # sampling
+    p.add_argument("--num-samples", type=int, default=8, help="completions per prompt, the k of pass@k and cons@k")
+    p.add_argument("--prompts-per-batch", type=int, default=8, help="prompts sampled together; batch = this x --num-samples sequences")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit, tokens")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (R1: 0.6); 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (R1: 0.95), 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="seed; each batch is seeded by it and its first prompt's index")
+    # scoring
+    p.add_argument("--rewards", default="accuracy,format",
+                   help="rewards.py names with optional :weight, as in grpo.py; the weighted sum is the kept 'score', "
+                        "and one of accuracy, cosine, code, code_strict decides correctness")
+    p.add_argument("--lang", default="en", help="language of the chain of thought for prompts without 'lang'")
+    # what is kept
+    p.add_argument("--format-check", default="r1", choices=["r1", "think", "none"],
+                   help="r1: <think>...</think><answer>...</answer> exactly; think: one <think>...</think> then an "
+                        "answer (distilled models); none: no check")
+    p.add_argument("--min-language", type=float, default=0.95,
+                   help="least share of the chain of thought's words in the prompt's language; 0 = no check")
+    p.add_argument("--max-kept-tokens", type=int, default=0, help="longest completion kept, tokens; 0 = no cap below --max-new-tokens")
+    p.add_argument("--keep-per-prompt", type=int, default=4, help="kept samples per prompt, at most; 0 = every distinct one")
+    p.add_argument("--keep-order", default="shortest", choices=["shortest", "random"],
+                   help="which passing samples are kept first: fewest tokens, or a seeded random order")
+    # output
+    p.add_argument("--out", default=None, help="kept samples, jsonl; the pass-rate, flags and report files go beside it")
+    p.add_argument("--eval-only", action="store_true", help="write nothing; print pass@k, cons@k and the rates")
+    p.add_argument("--overwrite", action="store_true", help="delete the files of an earlier run at --out instead of resuming it")
+    p.add_argument("--rl-out", default=None, help="also write the prompts whose pass rate is inside --rl-range here (jsonl)")
+    p.add_argument("--rl-range", default="0.1,0.9", help="with --rl-out: LO,HI, the open interval of pass rates kept")
+    args = p.parse_args(argv)
+
+    # contradictions fail here, naming the flag, before any model is loaded
+    for flag in ["num_samples", "prompts_per_batch", "max_new_tokens"]:
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ["max_prompts", "max_kept_tokens", "keep_per_prompt"]:
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if not 0 <= args.min_language <= 1:
+        p.error("--min-language must be in [0, 1]")
+    try:
+        names = [name for name, _, _ in R.parse_rewards(args.rewards)]
+    except ValueError as e:
+        p.error(f"--rewards: {e}")
+    if not any(name in CORRECT for name in names):
+        p.error(f"--rewards {args.rewards}: name one of {', '.join(CORRECT)}; it decides which samples are correct")
+    if args.lang not in R.SCRIPTS:
+        p.error(f"--lang: unknown language '{args.lang}' (known: {', '.join(sorted(R.SCRIPTS))})")
+    try:
+        lo, hi = (float(x) for x in args.rl_range.split(","))
+    except ValueError:
+        p.error(f"--rl-range {args.rl_range}: expected LO,HI, two numbers")
+    if not 0 <= lo < hi <= 1:
+        p.error(f"--rl-range {args.rl_range}: expected 0 <= LO < HI <= 1")
+    args.rl_range = (lo, hi)
+    if args.eval_only and (args.rl_out or args.overwrite):
+        p.error("--eval-only writes nothing: drop --rl-out and --overwrite")
+    if not args.eval_only and not args.out:
+        p.error("--out is required (or --eval-only to write nothing)")
+    if args.out and not args.eval_only and os.path.isdir(args.out):
+        p.error(f"--out {args.out}: is a folder; give a file name such as {os.path.join(args.out, 'kept.jsonl')}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# the report's numbers
+
+
+def pass_at_k(n, c, k):
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al., 2021):
+    the chance that k of them, drawn without replacement, include a correct one."""
+    if not 0 < k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@{k} needs 0 < k <= n and 0 <= c <= n (n={n}, c={c})")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote(answers, gold, equal=R.math_equal):
+    """cons@k of one prompt -> (the most frequent answer, whether it equals gold).
+
+    answers: each sample's extracted answer, None when it has none (no vote). Answers with
+    the same value are one group (1/2, 0.5, \\frac12): each new answer is compared with the
+    first answer of every group so far. A tie goes to the group whose answer came first.
+    """
+    groups = []  # [first answer, votes]
+    group_of = {}  # answer text -> its group, so a repeated string costs no comparison
+    for a in answers:
+        if a is None:
+            continue
+        key = " ".join(a.split())
+        if key not in group_of:
+            group_of[key] = next((g for g in groups if equal(key, g[0])), None)
+            if group_of[key] is None:
+                groups.append([key, 0])
+                group_of[key] = groups[-1]
+        group_of[key][1] += 1
+    if not groups:
+        return None, False
+    best = max(groups, key=lambda g: g[1])  # max keeps the first of equal counts
+    return best[0], bool(equal(best[0], gold))
+
+
+def summarize(records, rl_range=(0.1, 0.9)):
+    """Per-prompt records (the pass file's lines) -> the report: pass@j for j = 1, 2, 4, ...
+    up to k, cons@k, rates per sample, and what was kept and dropped."""
+    k = records[0]["num_samples"]
+    n = len(records) * k
+    report = {"prompts": len(records), "samples": n}
+    for j in sorted({2 ** e for e in range(k.bit_length()) if 2 ** e <= k} | {k}):
+        report[f"pass@{j}"] = float(np.mean([pass_at_k(k, r["num_correct"], j) for r in records]))
+    votes = [r["cons_correct"] for r in records if r["cons_correct"] is not None]
+    report[f"cons@{k}"] = float(np.mean(votes)) if votes else None  # None: no 'answer' (code tasks)
+    report["format"] = sum(r["num_format"] for r in records) / n
+    report["trunc"] = sum(r["num_truncated"] for r in records) / n
+    report["len"] = sum(r["num_tokens"] for r in records) / n
+    report["kept"] = sum(r["num_kept"] for r in records)
+    report["prompts_kept"] = sum(r["num_kept"] > 0 for r in records)
+    report["dropped"] = {why: sum(r["dropped"][why] for r in records) for why in REASONS}
+    lo, hi = rl_range
+    report["rl_prompts"] = sum(lo < r["pass_rate"] < hi for r in records)
+    return report
+
+
+def report_lines(report, rl_range):
+    k = report["samples"] // report["prompts"]
+    rates = " | ".join(f"{key} {report[key]:.3f}" for key in report if key.startswith("pass@"))
+    cons = report[f"cons@{k}"]
+    dropped = " | ".join(f"{why} {num}" for why, num in report["dropped"].items())
+    return [f"{report['prompts']} prompts x {k} samples",
+            f"{rates} | cons@{k} {'-' if cons is None else format(cons, '.3f')} | format {report['format']:.3f}"
+            f" | trunc {report['trunc']:.3f} | len {report['len']:.0f}",
+            f"kept {report['kept']} of {report['samples']} samples, from {report['prompts_kept']} of "
+            f"{report['prompts']} prompts | dropped: {dropped}",
+            f"{report['rl_prompts']} of {report['prompts']} prompts have {rl_range[0]} < pass rate < {rl_range[1]}"]
+
+
+# ----------------------------------------------------------------------------------------
+# the keep rules, in the order a sample is checked (a dropped sample counts for the first)
+
+REASONS = ["truncated", "wrong", "format", "language", "long", "duplicate", "cap"]
+
+
+def well_formed(text, check):
+    if check == "r1":
+        return R.format_reward(text, {}) == 1.0
+    if check == "think":  # <think> ... </think> answer: what R1-Distill models write
+        head, _, answer = text.strip().partition("</think>")
+        return head.startswith("<think>") and head.count("<think>") == 1 and "</think>" not in answer \
+            and bool(answer.strip())
+    return True
+
+
+def one_language(text, lang, threshold):
+    """At least `threshold` of the chain of thought's words are in lang's script (rewards.language).
+    A chain of thought with no words at all (only math) is not mixed, and passes."""
+    if threshold <= 0:
+        return True
+    thought = text.split("<think>", 1)[-1].split("</think>", 1)[0]
+    return not R.words_by_script(thought) or R.language(text, {"lang": lang}) >= threshold
+
+
+def reject_reason(s, format_check, min_language, max_kept_tokens):
+    """The first rule a sample breaks, or None when it may be kept. s: a dict with text,
+    num_tokens, truncated, correct and lang."""
+    if s["truncated"]:
+        return "truncated"  # cut off mid-thought: it never learnt to stop here
+    if not s["correct"]:
+        return "wrong"
+    if not well_formed(s["text"], format_check):
+        return "format"
+    if not one_language(s["text"], s["lang"], min_language):
+        return "language"
+    if max_kept_tokens and s["num_tokens"] > max_kept_tokens:
+        return "long"
+    return None
+
+
+def select(samples, keep_per_prompt, order, rng):
+    """Samples that broke no rule -> (kept, {"duplicate": n, "cap": n}). shortest: fewest
+    tokens first (ties in sample order); random: a seeded shuffle. A sample equal to one
+    already seen (whitespace collapsed) is a duplicate; past keep_per_prompt, the rest are cut."""
+    if order == "shortest":
+        ranked = sorted(samples, key=lambda s: s["num_tokens"])
+    else:
+        ranked = [samples[i] for i in rng.permutation(len(samples))]
+    seen, kept, num_dup, num_cap = set(), [], 0, 0
+    for s in ranked:
+        key = " ".join(s["text"].split())
+        if key in seen:
+            num_dup += 1
+        elif keep_per_prompt and len(kept) >= keep_per_prompt:
+            num_cap += 1
+        else:
+            kept.append(s)
+        seen.add(key)
+    return kept, {"duplicate": num_dup, "cap": num_cap}
+
+
+def judge_prompt(index, ex, rows, args, correct_name):
+    """The k scored samples of one prompt -> (its pass record, its kept lines)."""
+    samples = [{"text": r["text"], "num_tokens": len(r["completion"]), "truncated": r["truncated"],
+                "correct": CORRECT[correct_name](r["parts"][correct_name]), "lang": ex.get("lang") or args.lang,
+                "score": r["reward"], "parts": r["parts"]} for r in rows]
+    dropped = dict.fromkeys(REASONS, 0)
+    passing = []
+    for s in samples:
+        why = reject_reason(s, args.format_check, args.min_language, args.max_kept_tokens)
+        if why:
+            dropped[why] += 1
+        else:
+            passing.append(s)
+    rng = np.random.default_rng([args.seed, index])  # the same choice however the run was batched
+    kept, more = select(passing, args.keep_per_prompt, args.keep_order, rng)
+    dropped.update(more)
+    cons_answer = cons_correct = None
+    if "answer" in ex:
+        # a truncated sample never reached its answer: it does not vote
+        answers = [None if s["truncated"] else R.extract_answer(s["text"]) for s in samples]
+        cons_answer, cons_correct = majority_vote(answers, ex["answer"])
+    num_correct = sum(s["correct"] for s in samples)
+    record = {k: v for k, v in ex.items() if k != "_where"}  # the prompt's own fields: valid grpo.py data
+    record.update({
+        "prompt_index": index, "pass_rate": num_correct / len(samples), "num_samples": len(samples),
+        "num_correct": num_correct, "cons_answer": cons_answer, "cons_correct": cons_correct,
+        "num_format": sum(well_formed(s["text"], args.format_check if args.format_check != "none" else "r1")
+                          for s in samples),
+        "num_truncated": sum(s["truncated"] for s in samples),
+        "num_tokens": sum(s["num_tokens"] for s in samples), "num_kept": len(kept), "dropped": dropped})
+    lines = [{"prompt": ex["prompt"], "completion": s["text"], "score": s["score"], "parts": s["parts"],
+              "num_tokens": s["num_tokens"], "answer": ex.get("answer"), "model": args.model,
+              "prompt_index": index} for s in kept]
+    return record, lines
+
+
+# ----------------------------------------------------------------------------------------
+# files: appended per batch, repaired and resumed after a crash, merged across processes
+
+
+def output_paths(out, rank=0, world=1):
+    """The files of a run at --out; under torchrun each process appends to its own shard pair."""
+    base = out[: -len(".jsonl")] if out.endswith(".jsonl") else out
+    shard = f"{base}.rank{rank}of{world}"
+    return {"base": base, "kept": out, "pass": f"{base}.pass.jsonl", "run": f"{base}.run.json",
+            "report": f"{base}.report.json", "kept_shard": f"{shard}.jsonl", "pass_shard": f"{shard}.pass.jsonl"}
+
+
+def append_lines(path, records):
+    """One write per batch: a crash can cut only the last line short, and read_pair drops it."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_atomic(path, data):
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_lines(path):
+    """-> [(record, raw line)]. A last line without its newline was cut short by a crash and
+    is left out; any other line that is not ours is an error naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    out = []
+    for n, raw in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], 1):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt_index"), int):
+            raise common.UserError(f"{path}:{n}: not a line reject_sample.py wrote; move the file away or "
+                                   "use --overwrite")
+        out.append((rec, raw + b"\n"))
+    return out
+
+
+def read_pair(kept_path, pass_path):
+    """The prompts a (kept, pass) pair of files holds -> {prompt index: (pass line, kept lines)}.
+
+    A batch's kept lines are written before its pass lines, so a prompt is done exactly when
+    its pass line is complete; kept lines of a prompt that is not done (its batch was cut
+    short) are left out, and that batch is sampled again, with the same seed.
+    """
+    prompts = {rec["prompt_index"]: (raw, []) for rec, raw in read_lines(pass_path)}
+    for rec, raw in read_lines(kept_path):
+        if rec["prompt_index"] in prompts:
+            prompts[rec["prompt_index"]][1].append(raw)
+    return prompts
+
+
+def write_pair(kept_path, pass_path, prompts):
+    """Rewrite a pair of files from read_pair's dict, ordered by prompt: kept first, then
+    pass, so a crash in between leaves kept lines that read_pair ignores."""
+    order = sorted(prompts)
+    write_atomic(kept_path, b"".join(line for i in order for line in prompts[i][1]))
+    write_atomic(pass_path, b"".join(prompts[i][0] for i in order))
+
+
+def shard_files(base):
+    """Shard pairs left on this disk by a torchrun run, of any number of processes."""
+    found = glob.glob(f"{glob.escape(base)}.rank*of*.pass.jsonl")
+    return [(p[: -len(".pass.jsonl")] + ".jsonl", p) for p in sorted(found)]
+
+
+def check_run_file(files, args):
+    """Refuse to resume files written with other flags; --overwrite deletes them instead."""
+    flags = {key: getattr(args, key) for key in RESUME_KEYS}
+    if args.overwrite:
+        for path in [files["kept"], files["pass"], files["report"]] + [p for pair in shard_files(files["base"]) for p in pair]:
+            if os.path.exists(path):
+                os.remove(path)
+    elif any(os.path.exists(path) and os.path.getsize(path) for path in [files["kept"], files["pass"]]) \
+            or shard_files(files["base"]):
+        if not os.path.exists(files["run"]):
+            raise common.UserError(f"--out {args.out}: the file exists but {files['run']} does not, so it was not "
+                                   "written by this script; use another --out, or --overwrite")
+        with open(files["run"]) as f:
+            before = json.load(f)
+        for key in RESUME_KEYS:
+            if before.get(key) != flags[key]:
+                raise common.UserError(
+                    f"--out {args.out}: written with --{key.replace('_', '-')} {before.get(key)}, not {flags[key]}; "
+                    "resume with the same flags, or use --overwrite or another --out")
+    write_atomic(files["run"], json.dumps(flags, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# the run
+
+
+def run(args):
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        # objects only, over gloo: no GPU collective, no shared disk. The timeout is long
+        # because process 0 waits at the end for the slowest process to finish sampling.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+
+    def to_rank0(obj):
+        """Every process's obj, in rank order, on process 0 (None on the others)."""
+        if world == 1:
+            return [obj]
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
+    device = common.pick_device(args.device)
+    if world > 1 and device.type == "cuda" and args.device in ("auto", "cuda"):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dtype = common.pick_dtype(args.dtype, device)
+    rewards = R.parse_rewards(args.rewards)
+    names = [name for name, _, _ in rewards]
+    correct_name = next(name for name in names if name in CORRECT)
+    k, P = args.num_samples, args.prompts_per_batch
+
+    # model and data
+    model, tok = common.load_model(args.model, device, dtype)  # no training: weights in the compute dtype
+    eos = common.eos_ids(model, tok)
+    context = getattr(model.config, "max_position_embeddings", None)
+    need = sorted({R.NEEDS[name] for name in names if name in R.NEEDS})
+    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need)
+    if args.max_prompts:
+        examples, prompt_ids = examples[: args.max_prompts], prompt_ids[: args.max_prompts]
+
+    # files: repair and resume what an earlier run left; under torchrun process 0 first folds
+    # into the main pair every shard it can see, then each process resumes its own shard pair
+    files, done = None, set()
+    if not args.eval_only:
+        files = output_paths(args.out, rank, world)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        main_done = None
+        if rank == 0:
+            check_run_file(files, args)
+            prompts = read_pair(files["kept"], files["pass"])
+            shards = shard_files(files["base"])
+            for kept_path, pass_path in shards:
+                for i, lines in read_pair(kept_path, pass_path).items():
+                    prompts.setdefault(i, lines)
+            write_pair(files["kept"], files["pass"], prompts)
+            for path in [p for pair in shards for p in pair]:
+                os.remove(path)
+            main_done = sorted(prompts)
+        if world > 1:
+            box = [main_done]
+            dist.broadcast_object_list(box, src=0)  # also a barrier: no shard is touched before the fold
+            if args.overwrite:
+                for path in [files["kept_shard"], files["pass_shard"]]:
+                    if os.path.exists(path):
+                        os.remove(path)
+            own = read_pair(files["kept_shard"], files["pass_shard"])  # on a disk process 0 may not see
+            write_pair(files["kept_shard"], files["pass_shard"], own)
+            done = set(box[0]) | set(own)
+        else:
+            done = set(main_done)
+
+    mine = [i for i in range(len(examples)) if i % world == rank]  # this process's prompts
+    if rank == 0:
+        earlier = len(done & set(range(len(examples))))
+        print(f"{len(examples)} prompts x {k} samples from {args.model} on {device} in "
+              f"{str(dtype).removeprefix('torch.')}, {world} process(es), temperature {args.temperature}, "
+              f"top-p {args.top_p}, up to {args.max_new_tokens} new tokens"
+              + (f"; {earlier} prompts done by an earlier run" if earlier else ""))
+
+    # the loop: sample a batch, score it, judge each prompt, append its lines
+    session = []  # pass records written by this process in this run
+    bar = tqdm(total=len(mine), initial=sum(i in done for i in mine), desc="prompts", disable=rank != 0,
+               dynamic_ncols=True)
+    with ThreadPoolExecutor(P) as pool:  # the majority votes of a batch's prompts wait on math workers together
+        for s in range(0, len(mine), P):
+            batch = mine[s:s + P]
+            todo = [j for j, i in enumerate(batch) if i not in done]
+            if not todo:
+                continue
+            # the whole batch is sampled even when part of it is done, so that its random
+            # numbers, seeded by --seed and its first prompt, are those of an uninterrupted run
+            seed = int(np.random.SeedSequence([args.seed, batch[0]]).generate_state(1)[0])
+            generator = torch.Generator(device=device).manual_seed(seed)
+            rows = common.rollout(model, tok, [examples[i] for i in batch], [prompt_ids[i] for i in batch], k,
+                                  args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
+                                  {"lang": args.lang}, warn=tqdm.write)  # (P*k,) rows, prompt-major
+            judged = list(pool.map(lambda j: judge_prompt(batch[j], examples[batch[j]], rows[j * k:(j + 1) * k],
+                                                          args, correct_name), todo))
+            if files:
+                kept_path, pass_path = (files["kept"], files["pass"]) if world == 1 else \
+                    (files["kept_shard"], files["pass_shard"])
+                append_lines(kept_path, [line for _, lines in judged for line in lines])
+                append_lines(pass_path, [rec for rec, _ in judged])  # written last: marks the prompts done
+            session += [rec for rec, _ in judged]
+            bar.update(len(todo))
+            bar.set_postfix({"pass@1": f"{np.mean([r['pass_rate'] for r in session]):.3f}",
+                             "kept": sum(r["num_kept"] for r in session)})
+    bar.close()
+
+    # gather: every prompt's record on process 0, and with files the merged, ordered pair
+    if files is None:
+        parts = to_rank0(session)
+        records = [r for part in parts for r in part] if rank == 0 else []
+    elif world == 1:
+        records = [rec for rec, _ in read_lines(files["pass"])]
+    else:
+        parts = to_rank0(read_pair(files["kept_shard"], files["pass_shard"]))
+        records = []
+        if rank == 0:
+            prompts = read_pair(files["kept"], files["pass"])
+            for part in parts:
+                for i, lines in part.items():
+                    prompts.setdefault(i, lines)
+            write_pair(files["kept"], files["pass"], prompts)
+            records = [json.loads(prompts[i][0]) for i in sorted(prompts)]
+        dist.barrier()  # the merged pair is on disk: the shards can go
+        for path in [files["kept_shard"], files["pass_shard"]]:
+            os.remove(path)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+
+    # the report, over this run's prompts
+    records = sorted((r for r in records if r["prompt_index"] < len(examples)), key=lambda r: r["prompt_index"])
+    report = summarize(records, args.rl_range)
+    print("\n".join(report_lines(report, args.rl_range)))
+    if files:
+        write_atomic(files["report"], json.dumps(report, indent=2) + "\n")
+        print(f"wrote {files['kept']} ({report['kept']} samples) and {files['pass']}; train on them with "
+              f"python sft.py --data {files['kept']} --template {args.template} ...")
+    if args.rl_out:
+        lo, hi = args.rl_range
+        picked = [r for r in records if lo < r["pass_rate"] < hi]
+        write_atomic(args.rl_out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked))
+        print(f"wrote {args.rl_out}: {len(picked)} prompts with {lo} < pass rate < {hi}")
+    return report
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        return run(args)
+    except common.UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
