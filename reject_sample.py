@@ -14,18 +14,21 @@ Files, for --out kept.jsonl:
                        0.1 < pass rate < 0.9, the ones RL still learns from
     kept.run.json      the flags, checked when the run is resumed
     kept.report.json   the report printed at the end
-Both jsonl files grow batch by batch. A restarted run skips the prompts already done and,
-with the same flags, writes exactly the files an uninterrupted run writes.
+Both jsonl files grow batch by batch (under torchrun each process's own pair of shard files
+does). A restarted run skips the prompts already done and, with the same flags (seed, batch
+size and number of processes included), writes exactly the files an uninterrupted run writes.
 
 Deliberate simplifications:
 - a sample is correct when the first of accuracy, cosine, code, code_strict named in
   --rewards says so (accuracy 1, all tests passed, cosine > 0);
 - the majority vote groups extracted answers by rewards.math_equal against the first
-  answer of each group; samples without an answer do not vote;
+  answer of each group; samples without an answer do not vote; truncated samples are
+  judged like the others (as the accuracy reward judges them) for pass@k and cons@k;
 - duplicates are exact matches after collapsing whitespace;
 - under torchrun, process r samples prompts r, r + W, r + 2W, ... into its own files
   (so each process resumes on its own); at the end process 0 gathers every record over
-  gloo (no shared disk needed) and writes the merged, ordered files.
+  gloo (no shared disk needed) and writes the merged, ordered files: the kept samples of
+  the whole run pass through process 0's memory once.
 
     python reject_sample.py --model out/grpo/step-000100 --data train.jsonl --num-samples 8 --out kept.jsonl
     python reject_sample.py --model Qwen2.5-Math-1.5B --data test.jsonl --num-samples 16 --eval-only
@@ -52,8 +55,10 @@ import rewards as R
 # the reward that decides "correct", and the value that counts as correct
 CORRECT = {"accuracy": lambda v: v >= 1, "code": lambda v: v >= 1, "code_strict": lambda v: v >= 1,
            "cosine": lambda v: v > 0}
-# flags that change what a sample or a kept line means: a resumed run must repeat them
-RESUME_KEYS = ["model", "template", "data", "num_samples", "max_new_tokens", "temperature", "top_p",
+# the keep rules, in the order a sample is checked: a dropped sample counts for the first it breaks
+REASONS = ["truncated", "wrong", "format", "language", "long", "duplicate", "cap"]
+# flags that change what a sample or a kept line means, and the seed: a resumed run must repeat them
+RESUME_KEYS = ["model", "template", "data", "num_samples", "max_new_tokens", "temperature", "top_p", "seed",
                "rewards", "lang", "format_check", "min_language", "max_kept_tokens", "keep_per_prompt",
                "keep_order"]
 
@@ -86,7 +91,7 @@ def get_args(argv=None):
     # what is kept
     p.add_argument("--format-check", default="r1", choices=["r1", "think", "none"],
                    help="r1: <think>...</think><answer>...</answer> exactly; think: one <think>...</think> then an "
-                        "answer (distilled models); none: no check")
+                        "answer (distilled models); none: no check (the report's format rate is then r1's)")
     p.add_argument("--min-language", type=float, default=0.95,
                    help="least share of the chain of thought's words in the prompt's language; 0 = no check")
     p.add_argument("--max-kept-tokens", type=int, default=0, help="longest completion kept, tokens; 0 = no cap below --max-new-tokens")
@@ -98,7 +103,8 @@ def get_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="write nothing; print pass@k, cons@k and the rates")
     p.add_argument("--overwrite", action="store_true", help="delete the files of an earlier run at --out instead of resuming it")
     p.add_argument("--rl-out", default=None, help="also write the prompts whose pass rate is inside --rl-range here (jsonl)")
-    p.add_argument("--rl-range", default="0.1,0.9", help="with --rl-out: LO,HI, the open interval of pass rates kept")
+    p.add_argument("--rl-range", type=float, nargs=2, default=(0.1, 0.9), metavar=("LO", "HI"),
+                   help="with --rl-out: the open interval of pass rates kept")
     args = p.parse_args(argv)
 
     # contradictions fail here, naming the flag, before any model is loaded
@@ -108,8 +114,10 @@ def get_args(argv=None):
     for flag in ["max_prompts", "max_kept_tokens", "keep_per_prompt"]:
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0 (0 = greedy)")
+    if not args.temperature >= 0 or not math.isfinite(args.temperature):
+        p.error("--temperature must be a number >= 0 (0 = greedy)")
+    if args.temperature == 0 and args.num_samples > 1:
+        p.error("--temperature 0 is greedy: its samples would all be the same; use --num-samples 1")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
     if not 0 <= args.min_language <= 1:
@@ -122,19 +130,19 @@ def get_args(argv=None):
         p.error(f"--rewards {args.rewards}: name one of {', '.join(CORRECT)}; it decides which samples are correct")
     if args.lang not in R.SCRIPTS:
         p.error(f"--lang: unknown language '{args.lang}' (known: {', '.join(sorted(R.SCRIPTS))})")
-    try:
-        lo, hi = (float(x) for x in args.rl_range.split(","))
-    except ValueError:
-        p.error(f"--rl-range {args.rl_range}: expected LO,HI, two numbers")
-    if not 0 <= lo < hi <= 1:
-        p.error(f"--rl-range {args.rl_range}: expected 0 <= LO < HI <= 1")
-    args.rl_range = (lo, hi)
-    if args.eval_only and (args.rl_out or args.overwrite):
-        p.error("--eval-only writes nothing: drop --rl-out and --overwrite")
+    if not 0 <= args.rl_range[0] < args.rl_range[1] <= 1:
+        p.error("--rl-range LO HI: expected 0 <= LO < HI <= 1")
+    if args.eval_only and (args.out or args.rl_out or args.overwrite):
+        p.error("--eval-only writes nothing: drop --out, --rl-out and --overwrite")
     if not args.eval_only and not args.out:
         p.error("--out is required (or --eval-only to write nothing)")
-    if args.out and not args.eval_only and os.path.isdir(args.out):
-        p.error(f"--out {args.out}: is a folder; give a file name such as {os.path.join(args.out, 'kept.jsonl')}")
+    for flag in ["out", "rl_out"]:
+        path = getattr(args, flag)
+        if path and os.path.isdir(path):
+            p.error(f"--{flag.replace('_', '-')} {path}: is a folder; give a file name such as "
+                    f"{os.path.join(path, 'kept.jsonl')}")
+    if args.rl_out and os.path.abspath(args.rl_out) in {os.path.abspath(f) for f in output_paths(args.out).values()}:
+        p.error(f"--rl-out {args.rl_out}: is one of the files of --out {args.out}")
     return args
 
 
@@ -181,7 +189,7 @@ def summarize(records, rl_range=(0.1, 0.9)):
     k = records[0]["num_samples"]
     n = len(records) * k
     report = {"prompts": len(records), "samples": n}
-    for j in sorted({2 ** e for e in range(k.bit_length()) if 2 ** e <= k} | {k}):
+    for j in sorted({2 ** e for e in range(k.bit_length())} | {k}):  # 1, 2, 4, ... and k
         report[f"pass@{j}"] = float(np.mean([pass_at_k(k, r["num_correct"], j) for r in records]))
     votes = [r["cons_correct"] for r in records if r["cons_correct"] is not None]
     report[f"cons@{k}"] = float(np.mean(votes)) if votes else None  # None: no 'answer' (code tasks)
@@ -210,9 +218,7 @@ def report_lines(report, rl_range):
 
 
 # ----------------------------------------------------------------------------------------
-# the keep rules, in the order a sample is checked (a dropped sample counts for the first)
-
-REASONS = ["truncated", "wrong", "format", "language", "long", "duplicate", "cap"]
+# the keep rules (REASONS, at the top, lists them in order)
 
 
 def well_formed(text, check):
@@ -226,12 +232,14 @@ def well_formed(text, check):
 
 
 def one_language(text, lang, threshold):
-    """At least `threshold` of the chain of thought's words are in lang's script (rewards.language).
+    """At least `threshold` of the chain of thought's words are in lang's script (as rewards.language
+    counts them; with no <think> the text before </think>, or all of it, is the chain of thought).
     A chain of thought with no words at all (only math) is not mixed, and passes."""
     if threshold <= 0:
         return True
     thought = text.split("<think>", 1)[-1].split("</think>", 1)[0]
-    return not R.words_by_script(thought) or R.language(text, {"lang": lang}) >= threshold
+    words = R.words_by_script(thought)
+    return not words or sum(script in R.SCRIPTS[lang] for script, _ in words) / len(words) >= threshold
 
 
 def reject_reason(s, format_check, min_language, max_kept_tokens):
@@ -289,8 +297,7 @@ def judge_prompt(index, ex, rows, args, correct_name):
     dropped.update(more)
     cons_answer = cons_correct = None
     if "answer" in ex:
-        # a truncated sample never reached its answer: it does not vote
-        answers = [None if s["truncated"] else R.extract_answer(s["text"]) for s in samples]
+        answers = [R.extract_answer(s["text"]) for s in samples]  # as the accuracy reward extracts them
         cons_answer, cons_correct = majority_vote(answers, ex["answer"])
     num_correct = sum(s["correct"] for s in samples)
     record = {k: v for k, v in ex.items() if k != "_where"}  # the prompt's own fields: valid grpo.py data
@@ -320,14 +327,19 @@ def output_paths(out, rank=0, world=1):
 
 
 def append_lines(path, records):
-    """One write per batch: a crash can cut only the last line short, and read_pair drops it."""
+    """One write per batch: a crash can cut only the last line short, and read_pair drops it.
+    fsync, so that a batch's kept lines are on disk before its pass lines, even after a power cut."""
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_atomic(path, data):
     with open(f"{path}.tmp", "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
 
 
@@ -379,26 +391,39 @@ def shard_files(base):
     return [(p[: -len(".pass.jsonl")] + ".jsonl", p) for p in sorted(found)]
 
 
-def check_run_file(files, args):
-    """Refuse to resume files written with other flags; --overwrite deletes them instead."""
-    flags = {key: getattr(args, key) for key in RESUME_KEYS}
-    if args.overwrite:
-        for path in [files["kept"], files["pass"], files["report"]] + [p for pair in shard_files(files["base"]) for p in pair]:
-            if os.path.exists(path):
-                os.remove(path)
-    elif any(os.path.exists(path) and os.path.getsize(path) for path in [files["kept"], files["pass"]]) \
-            or shard_files(files["base"]):
-        if not os.path.exists(files["run"]):
-            raise common.UserError(f"--out {args.out}: the file exists but {files['run']} does not, so it was not "
-                                   "written by this script; use another --out, or --overwrite")
-        with open(files["run"]) as f:
-            before = json.load(f)
-        for key in RESUME_KEYS:
-            if before.get(key) != flags[key]:
-                raise common.UserError(
-                    f"--out {args.out}: written with --{key.replace('_', '-')} {before.get(key)}, not {flags[key]}; "
-                    "resume with the same flags, or use --overwrite or another --out")
-    write_atomic(files["run"], json.dumps(flags, indent=2) + "\n")
+def check_flags(files, args):
+    """Before anything is loaded: refuse to resume files written with other flags (or by
+    something else). --overwrite skips the check; the files go once the data has been read."""
+    if args.overwrite or not (any(os.path.exists(path) and os.path.getsize(path) for path in [files["kept"], files["pass"]])
+                              or shard_files(files["base"])):
+        return
+    if not os.path.exists(files["run"]):
+        raise common.UserError(f"--out {args.out}: the file exists but {files['run']} does not, so it was not "
+                               "written by this script; use another --out, or --overwrite")
+    with open(files["run"]) as f:
+        before = json.load(f)
+    for key in RESUME_KEYS:
+        if before.get(key) != getattr(args, key):
+            raise common.UserError(f"--out {args.out}: written with --{key.replace('_', '-')} {before.get(key)}, "
+                                   f"not {getattr(args, key)}; resume with the same flags, or use --overwrite or "
+                                   "another --out")
+
+
+def check_prompts(prompts, examples, out):
+    """Each done prompt must still be the prompt at its line of --data: records are matched
+    to prompts by index, so an edited data file would pair samples with the wrong prompt."""
+    for i, (line, _) in prompts.items():
+        before = json.loads(line)["prompt"]
+        if i < len(examples) and before != examples[i]["prompt"]:
+            raise common.UserError(f"--out {out}: prompt {i} was {before[:60]!r} but {examples[i]['_where']} is "
+                                   f"{examples[i]['prompt'][:60]!r}; --data changed since, so use --overwrite or "
+                                   "another --out")
+
+
+def remove(paths):
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -420,9 +445,16 @@ def run(args):
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
+    files = None if args.eval_only else output_paths(args.out, rank, world)
+    if files and rank == 0:
+        check_flags(files, args)  # before the model loads: a mistake costs seconds, not minutes
     device = common.pick_device(args.device)
     if world > 1 and device.type == "cuda" and args.device in ("auto", "cuda"):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise common.UserError(f"torchrun started process {local_rank} on a machine with "
+                                   f"{torch.cuda.device_count()} GPUs: use --nproc_per_node {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dtype = common.pick_dtype(args.dtype, device)
     rewards = R.parse_rewards(args.rewards)
@@ -438,33 +470,38 @@ def run(args):
     examples, prompt_ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need)
     if args.max_prompts:
         examples, prompt_ids = examples[: args.max_prompts], prompt_ids[: args.max_prompts]
+    for ex in examples:  # checked now, not when a sample of that prompt first needs it
+        if ex.get("lang") and ex["lang"] not in R.SCRIPTS:
+            raise common.UserError(f"{ex['_where']}: unknown language {ex['lang']!r} (known: {', '.join(sorted(R.SCRIPTS))})")
 
-    # files: repair and resume what an earlier run left; under torchrun process 0 first folds
-    # into the main pair every shard it can see, then each process resumes its own shard pair
-    files, done = None, set()
-    if not args.eval_only:
-        files = output_paths(args.out, rank, world)
+    # files: repair and resume what an earlier run left. Process 0 folds into the main pair
+    # every shard it can see (left by a killed torchrun run); then under torchrun each
+    # process resumes its own shard pair, which may be on a disk process 0 cannot see.
+    done = set()
+    if files:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         main_done = None
         if rank == 0:
-            check_run_file(files, args)
+            if args.overwrite:
+                remove([files["kept"], files["pass"], files["report"]] +
+                       [path for pair in shard_files(files["base"]) for path in pair])
+            write_atomic(files["run"], json.dumps(vars(args), indent=2) + "\n")
             prompts = read_pair(files["kept"], files["pass"])
             shards = shard_files(files["base"])
             for kept_path, pass_path in shards:
                 for i, lines in read_pair(kept_path, pass_path).items():
                     prompts.setdefault(i, lines)
+            check_prompts(prompts, examples, args.out)
             write_pair(files["kept"], files["pass"], prompts)
-            for path in [p for pair in shards for p in pair]:
-                os.remove(path)
+            remove([path for pair in shards for path in pair])
             main_done = sorted(prompts)
         if world > 1:
             box = [main_done]
             dist.broadcast_object_list(box, src=0)  # also a barrier: no shard is touched before the fold
             if args.overwrite:
-                for path in [files["kept_shard"], files["pass_shard"]]:
-                    if os.path.exists(path):
-                        os.remove(path)
-            own = read_pair(files["kept_shard"], files["pass_shard"])  # on a disk process 0 may not see
+                remove([files["kept_shard"], files["pass_shard"]])
+            own = read_pair(files["kept_shard"], files["pass_shard"])
+            check_prompts(own, examples, args.out)
             write_pair(files["kept_shard"], files["pass_shard"], own)
             done = set(box[0]) | set(own)
         else:
@@ -479,12 +516,13 @@ def run(args):
               + (f"; {earlier} prompts done by an earlier run" if earlier else ""))
 
     # the loop: sample a batch, score it, judge each prompt, append its lines
-    session = []  # pass records written by this process in this run
-    bar = tqdm(total=len(mine), initial=sum(i in done for i in mine), desc="prompts", disable=rank != 0,
-               dynamic_ncols=True)
+    warn = tqdm.write if world == 1 else lambda message: tqdm.write(f"[process {rank}] {message}")
+    session = []  # pass records of the prompts this process judged in this run
+    bar = tqdm(total=len(mine), initial=sum(i in done for i in mine), desc="prompts" if world == 1 else "prompts of process 0",
+               disable=rank != 0, dynamic_ncols=True)
     with ThreadPoolExecutor(P) as pool:  # the majority votes of a batch's prompts wait on math workers together
-        for s in range(0, len(mine), P):
-            batch = mine[s:s + P]
+        for start in range(0, len(mine), P):
+            batch = mine[start:start + P]
             todo = [j for j, i in enumerate(batch) if i not in done]
             if not todo:
                 continue
@@ -494,7 +532,7 @@ def run(args):
             generator = torch.Generator(device=device).manual_seed(seed)
             rows = common.rollout(model, tok, [examples[i] for i in batch], [prompt_ids[i] for i in batch], k,
                                   args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
-                                  {"lang": args.lang}, warn=tqdm.write)  # (P*k,) rows, prompt-major
+                                  {"lang": args.lang}, warn)  # (P*k,) rows, prompt-major
             judged = list(pool.map(lambda j: judge_prompt(batch[j], examples[batch[j]], rows[j * k:(j + 1) * k],
                                                           args, correct_name), todo))
             if files:
@@ -508,15 +546,16 @@ def run(args):
                              "kept": sum(r["num_kept"] for r in session)})
     bar.close()
 
-    # gather: every prompt's record on process 0, and with files the merged, ordered pair
+    # gather every prompt's record on process 0; with files, process 0 rewrites the main pair
+    # ordered by prompt, merging the shards of the other processes (or, for one process, only
+    # putting in order prompts a folded torchrun run had left behind)
+    records = []
     if files is None:
         parts = to_rank0(session)
-        records = [r for part in parts for r in part] if rank == 0 else []
-    elif world == 1:
-        records = [rec for rec, _ in read_lines(files["pass"])]
+        if rank == 0:
+            records = sorted((r for part in parts for r in part), key=lambda r: r["prompt_index"])
     else:
-        parts = to_rank0(read_pair(files["kept_shard"], files["pass_shard"]))
-        records = []
+        parts = to_rank0({} if world == 1 else read_pair(files["kept_shard"], files["pass_shard"]))
         if rank == 0:
             prompts = read_pair(files["kept"], files["pass"])
             for part in parts:
@@ -524,25 +563,26 @@ def run(args):
                     prompts.setdefault(i, lines)
             write_pair(files["kept"], files["pass"], prompts)
             records = [json.loads(prompts[i][0]) for i in sorted(prompts)]
-        dist.barrier()  # the merged pair is on disk: the shards can go
-        for path in [files["kept_shard"], files["pass_shard"]]:
-            os.remove(path)
+        if world > 1:
+            dist.barrier()  # the merged pair is on disk: the shards can go
+            remove([files["kept_shard"], files["pass_shard"]])
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
         return None
 
-    # the report, over this run's prompts
-    records = sorted((r for r in records if r["prompt_index"] < len(examples)), key=lambda r: r["prompt_index"])
+    # the report: over every prompt the files hold (a finished run's prompts, and more if
+    # --max-prompts shrank since), or with --eval-only over this run's prompts
     report = summarize(records, args.rl_range)
     print("\n".join(report_lines(report, args.rl_range)))
     if files:
         write_atomic(files["report"], json.dumps(report, indent=2) + "\n")
-        print(f"wrote {files['kept']} ({report['kept']} samples) and {files['pass']}; train on them with "
-              f"python sft.py --data {files['kept']} --template {args.template} ...")
+        print(f"wrote {files['kept']} ({report['kept']} samples from {report['prompts_kept']} prompts) and "
+              f"{files['pass']}; train on them with python sft.py --data {files['kept']} --template {args.template} ...")
     if args.rl_out:
         lo, hi = args.rl_range
         picked = [r for r in records if lo < r["pass_rate"] < hi]
+        os.makedirs(os.path.dirname(os.path.abspath(args.rl_out)), exist_ok=True)
         write_atomic(args.rl_out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked))
         print(f"wrote {args.rl_out}: {len(picked)} prompts with {lo} < pass rate < {hi}")
     return report

@@ -287,46 +287,53 @@ class Crash(Exception):
     pass
 
 
+def same_files(a, b, names=("kept.jsonl", "kept.pass.jsonl", "kept.report.json")):
+    for name in names:
+        assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read(), name
+
+
 def test_interrupted_then_resumed_run_writes_the_same_files(trained, tmp_path, monkeypatch):
     model, data = trained
-    sample_run(model, data, tmp_path / "a" / "kept.jsonl", "--prompts-per-batch", "1")
-    # the same run, killed while writing the pass line of its third batch (prompt 2): the
-    # kept lines of that batch are on disk, its pass line only half
+    sample_run(model, data, tmp_path / "a" / "kept.jsonl", "--prompts-per-batch", "2")
+    # the same run, killed while writing the pass lines of its first batch (prompts 0 and 1):
+    # the batch's kept lines are on disk, prompt 0's pass line whole, prompt 1's only half
     writes = []
     append = RS.append_lines
 
     def crashing_append(path, records):
         writes.append(path)
-        if len(writes) == 6:
+        if len(writes) == 2:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            cut = text.index("\n") + 1 + len(text.split("\n")[1]) // 2
             with open(path, "a", encoding="utf-8") as f:
-                f.write(text[: len(text) // 2])
+                f.write(text[:cut])
             raise Crash
         append(path, records)
     monkeypatch.setattr(RS, "append_lines", crashing_append)
     with pytest.raises(Crash):
-        sample_run(model, data, tmp_path / "b" / "kept.jsonl", "--prompts-per-batch", "1")
+        sample_run(model, data, tmp_path / "b" / "kept.jsonl", "--prompts-per-batch", "2")
     monkeypatch.setattr(RS, "append_lines", append)
     assert writes[-1].endswith("kept.pass.jsonl")
-    assert [l["prompt_index"] for l in read(tmp_path / "b" / "kept.jsonl")][-1] == 2  # the orphan kept line
+    assert 1 in [l["prompt_index"] for l in read(tmp_path / "b" / "kept.jsonl")]  # prompt 1's orphan kept lines
     assert not open(tmp_path / "b" / "kept.pass.jsonl").read().endswith("\n")
-    # resume: prompts 0 and 1 are skipped, prompt 2's batch is sampled again with the same seed
+    # resume: the first batch is sampled again whole, with the same seed, but only prompt 1 is
+    # judged and written; then the other batches
     calls = []
     rollout = common.rollout
     monkeypatch.setattr(common, "rollout", lambda *a, **k: calls.append(a[2]) or rollout(*a, **k))
-    sample_run(model, data, tmp_path / "b" / "kept.jsonl", "--prompts-per-batch", "1")
-    assert [[e["prompt"] for e in examples] for examples in calls] == [[PROMPTS[i]["prompt"]] for i in (2, 3, 4)]
-    for name in ["kept.jsonl", "kept.pass.jsonl", "kept.report.json", "kept.run.json"]:
-        assert open(tmp_path / "a" / name, "rb").read() == open(tmp_path / "b" / name, "rb").read(), name
+    sample_run(model, data, tmp_path / "b" / "kept.jsonl", "--prompts-per-batch", "2")
+    assert [[e["prompt"] for e in examples] for examples in calls] == \
+        [[PROMPTS[0]["prompt"], PROMPTS[1]["prompt"]], [PROMPTS[2]["prompt"], PROMPTS[3]["prompt"]], [PROMPTS[4]["prompt"]]]
+    same_files(tmp_path / "a", tmp_path / "b")
     # a finished run, started again, samples nothing and changes nothing
     calls.clear()
-    sample_run(model, data, tmp_path / "b" / "kept.jsonl", "--prompts-per-batch", "1")
+    sample_run(model, data, tmp_path / "b" / "kept.jsonl", "--prompts-per-batch", "2")
     assert calls == []
-    assert open(tmp_path / "a" / "kept.jsonl", "rb").read() == open(tmp_path / "b" / "kept.jsonl", "rb").read()
+    same_files(tmp_path / "a", tmp_path / "b")
 
 
 def test_shards_of_a_killed_torchrun_run_are_folded_in(trained, tmp_path, monkeypatch):
-    """Process r of a killed 2-process run left its shard pair; one process picks them up."""
+    """Processes of a killed 2-process run left their shard pairs; one process picks them up."""
     model, data = trained
     sample_run(model, data, tmp_path / "a" / "kept.jsonl", "--prompts-per-batch", "1")
     b = tmp_path / "b"
@@ -335,19 +342,43 @@ def test_shards_of_a_killed_torchrun_run_are_folded_in(trained, tmp_path, monkey
     kept_lines = open(tmp_path / "a" / "kept.jsonl", "rb").read().splitlines(keepends=True)
     pass_lines = open(tmp_path / "a" / "kept.pass.jsonl", "rb").read().splitlines(keepends=True)
     for r in range(2):
-        mine = lambda lines: b"".join(l for l in lines if json.loads(l)["prompt_index"] % 2 == r)
-        (b / f"kept.rank{r}of2.jsonl").write_bytes(mine(kept_lines))
-        (b / f"kept.rank{r}of2.pass.jsonl").write_bytes(mine(pass_lines))
-    whole = (b / "kept.rank0of2.pass.jsonl").read_bytes()  # prompts 0, 2, 4: 4's line cut short
-    (b / "kept.rank0of2.pass.jsonl").write_bytes(whole[: whole.rstrip(b"\n").rfind(b"\n") + 1 + 20])
+        mine = [i for i in range(5) if i % 2 == r]
+        if r == 0:
+            mine.remove(2)  # process 0 had done prompts 0 and 4, and was killed in prompt 2's batch
+        (b / f"kept.rank{r}of2.jsonl").write_bytes(b"".join(l for l in kept_lines if json.loads(l)["prompt_index"] in mine))
+        (b / f"kept.rank{r}of2.pass.jsonl").write_bytes(
+            b"".join(l for l in pass_lines if json.loads(l)["prompt_index"] in mine) + pass_lines[2][:20])
     calls = []
     rollout = common.rollout
     monkeypatch.setattr(common, "rollout", lambda *a, **k: calls.append(a[2]) or rollout(*a, **k))
     sample_run(model, data, b / "kept.jsonl", "--prompts-per-batch", "1")
-    assert [[e["prompt"] for e in ex] for ex in calls] == [[PROMPTS[4]["prompt"]]]
+    assert [[e["prompt"] for e in ex] for ex in calls] == [[PROMPTS[2]["prompt"]]]
     assert sorted(os.listdir(b)) == ["kept.jsonl", "kept.pass.jsonl", "kept.report.json", "kept.run.json"]
-    for name in ["kept.jsonl", "kept.pass.jsonl", "kept.report.json"]:
-        assert open(tmp_path / "a" / name, "rb").read() == open(b / name, "rb").read(), name
+    same_files(tmp_path / "a", b)  # in prompt order, though prompt 2 was sampled last
+
+
+def test_a_resume_refuses_changed_data(trained, tmp_path):
+    model, data = trained
+    out = tmp_path / "kept.jsonl"
+    sample_run(model, data, out, "--max-prompts", "2")
+    edited = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"}] + PROMPTS)
+    os.replace(edited, data + ".edited")
+    try:
+        os.replace(data, data + ".orig")
+        os.replace(data + ".edited", data)
+        with pytest.raises(SystemExit, match=r"prompt 0 was 'What is 12 \+ 7\?' but .*prompts.jsonl:1 is 'What is 2"):
+            sample_run(model, data, out)
+    finally:
+        os.replace(data + ".orig", data)
+    assert len(read(tmp_path / "kept.pass.jsonl")) == 2  # nothing lost
+
+
+def test_report_covers_every_prompt_in_the_files(trained, tmp_path):
+    model, data = trained
+    out = tmp_path / "kept.jsonl"
+    full = sample_run(model, data, out, "--prompts-per-batch", "5")
+    again = sample_run(model, data, out, "--prompts-per-batch", "5", "--max-prompts", "2")
+    assert again == full and again["prompts"] == 5 and again["kept"] == len(read(out))
 
 
 @pytest.mark.slow
@@ -365,8 +396,7 @@ def test_torchrun_two_processes_write_what_one_process_writes(trained, tmp_path)
                                                    "kept.run.json"]  # the shards were merged and removed
     # with one prompt per batch each prompt's random numbers depend only on the seed and the
     # prompt, so the merged files equal the one-process files byte for byte
-    for name in ["kept.jsonl", "kept.pass.jsonl", "kept.report.json"]:
-        assert open(tmp_path / "one" / name, "rb").read() == open(tmp_path / "two" / name, "rb").read(), name
+    same_files(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -392,15 +422,20 @@ def test_kept_samples_train_a_student_with_sft(trained, tiny_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--num-samples", "0"], "--num-samples must be at least 1"),
     (["--keep-per-prompt", "-1"], "--keep-per-prompt must be 0 or more"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a number >= 0"),
+    (["--temperature", "nan"], "--temperature must be a number >= 0"),
+    (["--temperature", "0"], "--temperature 0 is greedy: its samples would all be the same"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--min-language", "1.5"], "--min-language must be in [0, 1]"),
     (["--rewards", "format"], "--rewards format: name one of accuracy, code"),
     (["--rewards", "acuracy"], "--rewards: unknown reward 'acuracy'"),
     (["--lang", "xx"], "--lang: unknown language 'xx'"),
-    (["--rl-range", "0.9,0.1"], "--rl-range 0.9,0.1: expected 0 <= LO < HI <= 1"),
-    (["--rl-range", "half"], "--rl-range half: expected LO,HI"),
+    (["--rl-range", "0.9", "0.1"], "--rl-range LO HI: expected 0 <= LO < HI <= 1"),
+    (["--rl-range", "half"], "argument --rl-range: expected 2 arguments"),
     (["--eval-only", "--rl-out", "x.jsonl"], "--eval-only writes nothing"),
+    (["--eval-only", "--out", "x.jsonl"], "--eval-only writes nothing"),
+    (["--out", "o/kept.jsonl", "--rl-out", "o/kept.pass.jsonl"], "--rl-out o/kept.pass.jsonl: is one of the files of --out"),
+    (["--out", "o/kept.jsonl", "--rl-out", "."], "--rl-out .: is a folder"),
     ([], "--out is required"),
 ])
 def test_bad_flags_name_the_flag(argv, message, capsys):
@@ -423,6 +458,12 @@ def test_out_folder_and_foreign_or_mismatched_files_are_refused(trained, tmp_pat
     with pytest.raises(SystemExit, match="written with --temperature 1.0, not 0.6"):
         RS.main(["--model", model, "--data", data, "--out", str(out), "--device", "cpu", "--num-samples", "8",
                  "--max-new-tokens", "48", "--template", "raw"])
+    for extra, message in [(["--seed", "1"], "--seed 0, not 1"), (["--rewards", "accuracy"], "--rewards accuracy,format"),
+                           (["--keep-per-prompt", "2"], "--keep-per-prompt 4, not 2"),
+                           (["--format-check", "think"], "--format-check r1, not think")]:
+        with pytest.raises(SystemExit, match=message):
+            sample_run(model, data, out, "--max-prompts", "1", *extra)
+    sample_run(model, data, out, "--max-prompts", "1", "--prompts-per-batch", "3")  # batching may change
     pass_file = tmp_path / "kept.pass.jsonl"
     pass_file.write_text(pass_file.read_text() + "garbage\n" + pass_file.read_text())
     with pytest.raises(SystemExit, match=f"{pass_file}:2: not a line reject_sample.py wrote"):
@@ -435,3 +476,37 @@ def test_bad_data_is_reported_before_any_file_is_written(trained, tmp_path):
     with pytest.raises(SystemExit, match=r"p.jsonl:2: missing field 'answer'"):
         sample_run(model, data, tmp_path / "out" / "kept.jsonl")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_language_in_the_data_names_its_line(trained, tmp_path):
+    model, _ = trained
+    data = write_jsonl(tmp_path / "p.jsonl", [PROMPTS[0], {**PROMPTS[1], "lang": "english"}])
+    with pytest.raises(SystemExit, match=r"p.jsonl:2: unknown language 'english'"):
+        sample_run(model, data, tmp_path / "kept.jsonl")
+
+
+def test_correctness_follows_the_reward_named_in_rewards(tmp_path):
+    texts = [T.format("short", "19"), T.format("a much longer chain of thought that goes on and on", "19"),
+             T.format("short", "20")]
+    ex = {"prompt": "What is 12 + 7?", "answer": "19"}
+    for spec, correct_name in [("cosine,format", "cosine"), ("format,accuracy", "accuracy")]:
+        rewards = R.parse_rewards(spec)
+        rows = []
+        for text, n in zip(texts, [10, 900, 10]):
+            total, parts, _ = R.score(text, {**ex, "num_tokens": n, "max_tokens": 1000}, rewards)
+            rows.append({"text": text, "completion": [0] * n, "truncated": False, "reward": total, "parts": parts})
+        rec, lines = RS.judge_prompt(0, ex, rows, flags("--rewards", spec), correct_name)
+        # cosine: a right answer earns 0.5 to 1 whatever its length, a wrong one -1 to -0.5
+        assert rec["num_correct"] == 2 and [l["completion"] for l in lines] == texts[:2]
+    code_ex = {"prompt": "Print the sum of two numbers", "tests": [{"input": "2 3\n", "output": "5\n"},
+                                                                   {"input": "1 1\n", "output": "2\n"}]}
+    right = "<think> add </think> <answer>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```\n</answer>"
+    half = "<think> add </think> <answer>\n```python\nprint(5)\n```\n</answer>"
+    for spec in ["code", "code_strict"]:
+        rewards = R.parse_rewards(spec)
+        rows = [{"text": t, "completion": [0] * 10, "truncated": False, **dict(zip(["reward", "parts"], R.score(t, code_ex, rewards)[:2]))}
+                for t in [right, half]]
+        rec, lines = RS.judge_prompt(0, code_ex, rows, flags("--rewards", spec), spec)
+        assert rows[1]["parts"][spec] == (0.5 if spec == "code" else 0.0)  # one test of two passed
+        assert rec["num_correct"] == 1 and [l["completion"] for l in lines] == [right]
+        assert rec["cons_answer"] is None and rec["cons_correct"] is None  # no answer to vote on
