@@ -397,6 +397,13 @@ def test_torchrun_two_processes_write_what_one_process_writes(trained, tmp_path)
     # with one prompt per batch each prompt's random numbers depend only on the seed and the
     # prompt, so the merged files equal the one-process files byte for byte
     same_files(tmp_path / "one", tmp_path / "two")
+    # --eval-only: nothing written, the records gathered in memory, the same report printed
+    cmd = [c for c in cmd if c != str(tmp_path / "two" / "kept.jsonl")]
+    cmd[cmd.index("--out")] = "--eval-only"
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.load(open(tmp_path / "one" / "kept.report.json"))
+    assert "\n".join(RS.report_lines(report, (0.1, 0.9))) in done.stdout
 
 
 @pytest.mark.slow
