@@ -561,7 +561,8 @@ def run(args):
             for part in parts:
                 for i, lines in part.items():
                     prompts.setdefault(i, lines)
-            write_pair(files["kept"], files["pass"], prompts)
+            if world > 1 or list(prompts) != sorted(prompts):  # one process appends in order: no rewrite
+                write_pair(files["kept"], files["pass"], prompts)
             records = [json.loads(prompts[i][0]) for i in sorted(prompts)]
         if world > 1:
             dist.barrier()  # the merged pair is on disk: the shards can go

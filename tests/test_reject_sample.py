@@ -358,18 +358,13 @@ def test_shards_of_a_killed_torchrun_run_are_folded_in(trained, tmp_path, monkey
 
 
 def test_a_resume_refuses_changed_data(trained, tmp_path):
-    model, data = trained
+    model, _ = trained
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "kept.jsonl"
     sample_run(model, data, out, "--max-prompts", "2")
-    edited = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"}] + PROMPTS)
-    os.replace(edited, data + ".edited")
-    try:
-        os.replace(data, data + ".orig")
-        os.replace(data + ".edited", data)
-        with pytest.raises(SystemExit, match=r"prompt 0 was 'What is 12 \+ 7\?' but .*prompts.jsonl:1 is 'What is 2"):
-            sample_run(model, data, out)
-    finally:
-        os.replace(data + ".orig", data)
+    write_jsonl(data, [{"prompt": "What is 2 + 2?", "answer": "4"}] + PROMPTS)  # a line inserted at the top
+    with pytest.raises(SystemExit, match=r"prompt 0 was 'What is 12 \+ 7\?' but .*p.jsonl:1 is 'What is 2"):
+        sample_run(model, data, out)
     assert len(read(tmp_path / "kept.pass.jsonl")) == 2  # nothing lost
 
 
