@@ -307,3 +307,25 @@ def test_a_dead_worker_is_replaced_and_workers_die_with_their_parent(tmp_path):
     while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_integer_answers_skip_the_worker_and_agree_with_it(monkeypatch):
+    cases = [("7", "7"), ("07", "7"), (" -3 ", "-3"), ("12", "-12"), ("0", "-0"),
+             ("<think>7+5=12 (0).</think> <answer>2</answer>", "2"),
+             ("<think>x</think>\n<answer> 12 </answer>\n", "012"),
+             ("<think>x</think> <answer>13</answer>", "12"),
+             ("9" * 100, "9" * 100)]
+    expected = [R._check(p, g) for p, g in cases]  # the worker's own comparison, run here
+    assert expected == [True, True, True, False, True, True, True, False, True]
+
+    def no_worker():
+        raise AssertionError("an integer comparison started the math worker")
+
+    monkeypatch.setattr(R, "_start_math_worker", no_worker)
+    monkeypatch.setattr(R, "_idle_workers", [])
+    assert [R.math_equal(p, g) for p, g in cases] == expected
+    # anything else still goes to the worker: a decimal, a comma, text after the answer, 101 digits
+    for pred, gold in [("7.0", "7"), ("1,000", "1000"), ("<think>x</think> <answer>7</answer> ok", "7"),
+                       ("7", "7.0"), ("1" * 101, "1" * 101)]:
+        with pytest.raises(AssertionError, match="started the math worker"):
+            R.math_equal(pred, gold)
