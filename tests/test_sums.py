@@ -1,0 +1,210 @@
+"""The miniature pipeline: the sums task's data (data/sums/prepare.py) and the one command
+that runs every stage of the recipe on it (data/sums/pipeline.py)."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import rewards as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"sums_{name}", os.path.join(ROOT, "data", "sums", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prep, pipe = load("prepare"), load("pipeline")
+
+
+def prepare(out, *flags):
+    cmd = [sys.executable, os.path.join(ROOT, "data", "sums", "prepare.py"), "--out-dir", str(out), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def records(path):
+    return [json.loads(line) for line in open(path)]
+
+
+# ----------------------------------------------------------------------------------------
+# the task
+
+
+def test_trace_worked_by_hand():
+    # 57 + 8 * 5 = 97: from 7, add 8 five times keeping the last digit: 5, 3, 1, 9, 7
+    assert prep.question((57, 8, 5)) == "What is the last digit of 57 + 8 * 5?"
+    assert prep.trace((57, 8, 5)) == ("<think>7+8=15 (4), 5+8=13 (3), 3+8=11 (2), 1+8=09 (1), 9+8=17 (0).</think> "
+                                      "<answer>7</answer>")
+    assert prep.answer((57, 8, 5)) == "7"
+    assert prep.trace((3, 2, 1)) == "<think>3+2=05 (0).</think> <answer>5</answer>"
+
+
+def test_every_trace_is_correct_and_well_formed(tmp_path):
+    prepare(tmp_path, "--num-pretrain", "10")
+    for r in records(tmp_path / "cold_start.jsonl"):
+        n, d, k = map(int, re.fullmatch(r"What is the last digit of (\d+) \+ (\d) \* (\d)\?", r["prompt"]).groups())
+        assert r["answer"] == str((n + d * k) % 10)
+        steps = re.findall(r"(\d)\+(\d)=(\d\d) \((\d)\)", r["completion"])
+        assert len(steps) == k  # one addition per step, counted down to 0
+        x = n % 10
+        for i, (a, b, total, left) in enumerate(steps):
+            assert (int(a), int(b), int(total), int(left)) == (x, d, x + d, k - 1 - i)
+            x = (x + d) % 10
+        # the rewards the RL stages use agree with the expert
+        assert R.format_reward(r["completion"], r) == 1.0
+        assert R.accuracy(r["completion"], r) == 1.0
+
+
+def test_splits_are_seeded_disjoint_and_counted(tmp_path):
+    out = prepare(tmp_path / "a", "--num-pretrain", "500")
+    prepare(tmp_path / "b", "--num-pretrain", "500")
+    names = ["train", "test", "fresh", "cold_start", "pretrain"]
+    for name in names:
+        assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (tmp_path / "b" / f"{name}.jsonl").read_bytes()
+    assert "test.jsonl: 200 examples" in out and "pretrain.jsonl: 500 documents" in out
+    prompts = {name: [r["prompt"] for r in records(tmp_path / "a" / f"{name}.jsonl")] for name in names[:4]}
+    assert [len(prompts[n]) for n in names[:4]] == [2000, 200, 1000, 300]
+    for i, a in enumerate(names[:4]):
+        assert len(set(prompts[a])) == len(prompts[a])
+        for b in names[i + 1:4]:
+            assert not set(prompts[a]) & set(prompts[b]), (a, b)
+    other = prepare(tmp_path / "c", "--num-pretrain", "500", "--seed", "1")
+    assert other and (tmp_path / "c" / "test.jsonl").read_bytes() != (tmp_path / "a" / "test.jsonl").read_bytes()
+
+
+def test_pretraining_teaches_skills_not_the_procedure(tmp_path):
+    prepare(tmp_path, "--num-pretrain", "3000")
+    docs = [r["text"] for r in records(tmp_path / "pretrain.jsonl")]
+    held_out = {r["prompt"] for r in records(tmp_path / "test.jsonl")}
+    questions = [d for d in docs if d.startswith("What is")]
+    assert 0.25 < len(questions) / len(docs) < 0.5
+    for d in docs:
+        assert d.split("?")[0] + "?" not in held_out  # no held-out question, answered or not
+        assert not re.search(r"\d\+\d=\d\d \(\d\)", d)  # never an addition step of the trace
+    # the R1 layout is rare (about 0.2 * 0.3 of the questions), and never holds working
+    answered = [d for d in questions if "It starts at" not in d]
+    r1 = [d for d in answered if R.FORMAT.fullmatch(d.split("?", 1)[1])]
+    assert 0.02 < len(r1) / len(answered) < 0.12
+    assert all(re.fullmatch(r"<think>\d times \d\.</think> <answer>\d</answer>", d.split("?", 1)[1]) for d in r1)
+
+
+def test_prepare_refuses_bad_sizes(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "data", "sums", "prepare.py"), "--out-dir", str(tmp_path)]
+    bad = subprocess.run(cmd + ["--min-times", "5", "--max-times", "3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--min-times" in bad.stderr
+    few = subprocess.run(cmd + ["--max-times", "1", "--num-train", "5000"], capture_output=True, text=True)
+    assert few.returncode != 0 and "distinct questions" in few.stderr and not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------
+# the pipeline's pieces
+
+
+def test_last_checkpoint_is_the_highest_step(tmp_path):
+    for name in ["step-000009", "step-000120", "step-000010", ".tmp-step-000200", "args.json"]:
+        (tmp_path / name).mkdir()
+    assert pipe.last_checkpoint(str(tmp_path)) == str(tmp_path / "step-000120")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="holds no checkpoint"):
+        pipe.last_checkpoint(str(empty))
+
+
+def test_card_lines():
+    rows = [{"stage": "1 base", "model": "base/step-000010", "seconds": 12.4, "pass@1": 0.1, "format": 0.0125,
+             "len": 6.66},
+            {"stage": "5 rejection sampling", "model": "kept.jsonl: 3 of 8 samples", "seconds": 2.6}]
+    assert pipe.card_lines(rows, 90) == [
+        "| stage | model | held-out pass@1 | format | mean length | train time |",
+        "|---|---|---|---|---|---|",
+        "| 1 base | base/step-000010 | 0.100 | 0.013 | 6.7 | 12 s |",
+        "| 5 rejection sampling | kept.jsonl: 3 of 8 samples | | | | 3 s |",
+        "\nwhole pipeline, evaluations included: 1.5 min"]
+
+
+def test_stages_reuse_unchanged_commands_and_rerun_what_follows_a_change(tmp_path, capsys):
+    data = str(tmp_path / "data")
+
+    def both(flags_a, fresh=False):
+        stages = pipe.Stages(str(tmp_path), fresh)
+        stages.run("a", "data/sums/prepare.py", ["--out-dir", data, "--num-pretrain", 5, *flags_a])
+        stages.run("b", "data/sums/prepare.py", ["--out-dir", data, "--num-pretrain", 7])
+        return capsys.readouterr().out
+
+    first = both([])
+    assert "[a] python data/sums/prepare.py" in first and "[b] python" in first
+    assert len(records(tmp_path / "data" / "pretrain.jsonl")) == 7
+    done = json.load(open(tmp_path / "stages.json"))
+    assert list(done) == ["a", "b"] and done["b"]["command"].endswith("--num-pretrain 7")
+    again = both([])
+    assert "[a] unchanged" in again and "[b] unchanged" in again
+    changed = both(["--seed", 3])  # a changed: a runs, and b after it, though b's command is the same
+    assert "[a] python" in changed and "[b] python" in changed
+    assert "[a] unchanged" in both(["--seed", 3]) and "[a] python" in both(["--seed", 3], fresh=True)
+    assert (tmp_path / "logs" / "a.log").read_text().startswith(data)
+
+
+def test_a_failing_stage_names_itself_and_its_log(tmp_path):
+    stages = pipe.Stages(str(tmp_path), False)
+    with pytest.raises(SystemExit, match=r"stage broken failed \(exit 2\); its log is .*broken\.log"):
+        stages.run("broken", "data/sums/prepare.py", ["--out-dir", str(tmp_path), "--min-times", 0])
+    assert "--min-times" in (tmp_path / "logs" / "broken.log").read_text()
+    assert not (tmp_path / "stages.json").exists()  # a failed stage is not recorded as done
+
+
+def test_plot_writes_a_png_or_says_why_not(tmp_path):
+    rows = [{"stage": "1 base", "pass@1": 0.1, "format": 0.0}, {"stage": "5 rejection", "seconds": 1},
+            {"stage": "4 reasoning RL", "pass@1": 0.4, "format": 0.99}]
+    path = str(tmp_path / "card.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert pipe.plot(rows, path) is False and not os.path.exists(path)
+        return
+    assert pipe.plot(rows, path) is True
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------
+# end to end: every stage, shortened
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "data", "sums", "pipeline.py"), "--quick", "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    card = json.load(open(out / "card.json"))
+    assert [r["stage"] for r in card["rows"]] == [
+        "1 base", "2 R1-Zero", "3 cold start", "4 reasoning RL", "5 rejection sampling", "6 small base",
+        "6 student, cold-start data", "6 student, distilled"]
+    # every model row is what reject_sample.py measured for that checkpoint
+    for row, name in zip([r for r in card["rows"] if "pass@1" in r],
+                         ["base", "zero", "cold", "rl", "small", "student-cold", "student"]):
+        report = json.load(open(out / "eval" / f"{name}.report.json"))
+        assert (row["pass@1"], row["format"], row["len"]) == (report["pass@1"], report["format"], report["len"])
+        assert os.path.exists(out / row["model"] / "model.safetensors")
+        assert report["prompts"] == 20 and report["samples"] == 40
+    # the kept samples are what the student was trained on, each one verified
+    kept = records(out / "kept.jsonl")
+    assert card["rows"][4]["model"].startswith(f"kept.jsonl: {len(kept)} of 60 samples")
+    assert all(R.accuracy(k["completion"], k) == 1.0 and R.format_reward(k["completion"], k) == 1.0 for k in kept)
+    student_args = json.load(open(out / "student" / "args.json"))
+    assert student_args["data"] == str(out / "kept.jsonl") and student_args["model"].startswith(str(out / "small"))
+    md = (out / "card.md").read_text()
+    assert md.startswith("| stage | model | held-out pass@1 |") and "whole pipeline" in md
+    assert "[base] python sft.py --init scratch" in first.stdout
+    # run again: nothing changed, so every stage is reused and the card is the same
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("unchanged, reused") == len(json.load(open(out / "stages.json")))
+    assert json.load(open(out / "card.json"))["rows"] == card["rows"]
