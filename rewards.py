@@ -12,7 +12,8 @@ Compose them by name with optional weights: "accuracy,format" or "accuracy:1,for
 
 Model text is hostile input. The math checker parses answers with its own small grammar and
 builds sympy objects itself: nothing a model writes reaches eval, exec, sympify or
-parse_expr. Comparisons run in a worker process that is killed past a time limit; model
+parse_expr. Comparisons run in a worker process that is killed past a time limit (two
+plain integers are compared directly); model
 code runs only in the sandbox below, one locked-down process per test.
 
 Deliberate simplifications: a comma list is ordered (see the conventions at step 3); the
@@ -941,8 +942,9 @@ def _check(pred, gold):
 
 # ----------------------------------------------------------------------------------------
 # math answers, step 4: a hard time limit. sympy can spend minutes in C-level code that no
-# signal interrupts, so every comparison runs in a worker process (this file, run with
-# --math-worker) and a worker that misses the deadline is killed, not asked to stop.
+# signal interrupts, so every comparison but one of two plain integers runs in a worker
+# process (this file, run with --math-worker), and a worker that misses the deadline is
+# killed, not asked to stop.
 
 MATH_TIMEOUT = 3.0  # seconds per comparison, after the worker has started
 MAX_IDLE_WORKERS = 2 * (os.cpu_count() or 1)  # more idle workers than this are stopped
@@ -986,7 +988,7 @@ def _read_line(proc, timeout):
 
 # Two integers need no worker. A vote over 4000 samples makes thousands of comparisons of
 # answers like "7" and "12", and each trip to the worker costs milliseconds.
-BARE_INT = re.compile(r"\s*(-?\d{1,100})\s*")
+BARE_INT = re.compile(r"\s*(-?[0-9]{1,100})\s*")  # ASCII digits only: \d also matches "٣"
 
 
 def _int_answer(text):

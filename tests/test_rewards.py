@@ -324,8 +324,9 @@ def test_integer_answers_skip_the_worker_and_agree_with_it(monkeypatch):
     monkeypatch.setattr(R, "_start_math_worker", no_worker)
     monkeypatch.setattr(R, "_idle_workers", [])
     assert [R.math_equal(p, g) for p, g in cases] == expected
-    # anything else still goes to the worker: a decimal, a comma, text after the answer, 101 digits
+    # anything else still goes to the worker: a decimal, a comma, text after the answer, 101
+    # digits, a plus sign, digits of another script
     for pred, gold in [("7.0", "7"), ("1,000", "1000"), ("<think>x</think> <answer>7</answer> ok", "7"),
-                       ("7", "7.0"), ("1" * 101, "1" * 101)]:
+                       ("7", "7.0"), ("1" * 101, "1" * 101), ("+5", "5"), ("\u0663", "3")]:
         with pytest.raises(AssertionError, match="started the math worker"):
             R.math_equal(pred, gold)

@@ -83,11 +83,11 @@ def test_splits_are_seeded_disjoint_and_counted(tmp_path):
 def test_pretraining_teaches_skills_not_the_procedure(tmp_path):
     prepare(tmp_path, "--num-pretrain", "3000")
     docs = [r["text"] for r in records(tmp_path / "pretrain.jsonl")]
-    held_out = {r["prompt"] for r in records(tmp_path / "test.jsonl")}
+    asked = {r["prompt"] for name in ["train", "test", "fresh", "cold_start"] for r in records(tmp_path / f"{name}.jsonl")}
     questions = [d for d in docs if d.startswith("What is")]
     assert 0.25 < len(questions) / len(docs) < 0.5
     for d in docs:
-        assert d.split("?")[0] + "?" not in held_out  # no held-out question, answered or not
+        assert d.split("?")[0] + "?" not in asked  # no question of any split, answered or not
         assert not re.search(r"\d\+\d=\d\d \(\d\)", d)  # never an addition step of the trace
     # the R1 layout is rare (about 0.2 * 0.3 of the questions), and never holds working
     answered = [d for d in questions if "It starts at" not in d]
@@ -102,6 +102,9 @@ def test_prepare_refuses_bad_sizes(tmp_path):
     assert bad.returncode != 0 and "--min-times" in bad.stderr
     few = subprocess.run(cmd + ["--max-times", "1", "--num-train", "5000"], capture_output=True, text=True)
     assert few.returncode != 0 and "distinct questions" in few.stderr and not os.listdir(tmp_path)
+    for flags, flag in [(["--max-times", "10"], "--max-times"), (["--num-test", "-5"], "--num-test")]:
+        bad = subprocess.run(cmd + flags, capture_output=True, text=True)
+        assert bad.returncode != 0 and flag in bad.stderr and not os.listdir(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,6 +119,8 @@ def test_last_checkpoint_is_the_highest_step(tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="holds no checkpoint"):
         pipe.last_checkpoint(str(empty))
+    with pytest.raises(SystemExit, match="holds no checkpoint; run again with --fresh"):
+        pipe.last_checkpoint(str(tmp_path / "missing"))
 
 
 def test_card_lines():
@@ -150,6 +155,30 @@ def test_stages_reuse_unchanged_commands_and_rerun_what_follows_a_change(tmp_pat
     assert "[a] python" in changed and "[b] python" in changed
     assert "[a] unchanged" in both(["--seed", 3]) and "[a] python" in both(["--seed", 3], fresh=True)
     assert (tmp_path / "logs" / "a.log").read_text().startswith(data)
+
+
+def test_a_rerun_forgets_later_stages_before_it_starts(tmp_path, capsys):
+    """a reruns and b then fails: b's old record must not be reused by the next run, which
+    finds a unchanged; and a stage's output folder is emptied before it runs."""
+    data, folder = str(tmp_path / "data"), tmp_path / "a-out"
+
+    def run(seed_a, min_times_b, stale=False):
+        stages = pipe.Stages(str(tmp_path), False)
+        folder.mkdir(exist_ok=True)
+        (folder / "step-999999").mkdir(exist_ok=True)  # a checkpoint of an older run
+        stages.run("a", "data/sums/prepare.py", ["--out-dir", data, "--num-pretrain", 5, "--seed", seed_a],
+                   out=str(folder))
+        assert (folder / "step-999999").exists() == stale  # emptied when a ran, kept when reused
+        stages.run("b", "data/sums/prepare.py", ["--out-dir", data, "--num-pretrain", 5, "--min-times", min_times_b])
+
+    run(0, 1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="stage b failed"):
+        run(1, 0)  # a reruns with a new seed, then b fails
+    assert list(json.load(open(tmp_path / "stages.json"))) == ["a"]
+    run(1, 1, stale=True)  # a is unchanged and reused; b must run, not be reused
+    out = capsys.readouterr().out
+    assert "[a] unchanged" in out and "[b] python" in out
 
 
 def test_a_failing_stage_names_itself_and_its_log(tmp_path):
@@ -192,11 +221,12 @@ def test_quick_pipeline_end_to_end(tmp_path):
                          ["base", "zero", "cold", "rl", "small", "student-cold", "student"]):
         report = json.load(open(out / "eval" / f"{name}.report.json"))
         assert (row["pass@1"], row["format"], row["len"]) == (report["pass@1"], report["format"], report["len"])
+        assert json.load(open(out / "eval" / f"{name}.run.json"))["model"] == str(out / row["model"])
         assert os.path.exists(out / row["model"] / "model.safetensors")
         assert report["prompts"] == 20 and report["samples"] == 40
     # the kept samples are what the student was trained on, each one verified
     kept = records(out / "kept.jsonl")
-    assert card["rows"][4]["model"].startswith(f"kept.jsonl: {len(kept)} of 60 samples")
+    assert kept and card["rows"][4]["model"].startswith(f"kept.jsonl: {len(kept)} of 60 samples")
     assert all(R.accuracy(k["completion"], k) == 1.0 and R.format_reward(k["completion"], k) == 1.0 for k in kept)
     student_args = json.load(open(out / "student" / "args.json"))
     assert student_args["data"] == str(out / "kept.jsonl") and student_args["model"].startswith(str(out / "small"))

@@ -1,20 +1,23 @@
-"""Sums of single digits, added one at a time: the synthetic task of the miniature R1.
+"""The last digit of n + d * k, worked out one addition at a time: the miniature R1's task.
 
-Writes, in --out-dir (this folder by default), with fixed seeds and no question in two files:
+Writes, in --out-dir (this folder by default), with fixed seeds, no question in two files
+and none of their questions in the pretraining text:
   train.jsonl       RL prompts            {"prompt", "answer", "lang"}
   test.jsonl        held-out prompts      (the report card is measured on these)
   fresh.jsonl       prompts for rejection sampling, seen by no earlier stage
   cold_start.jsonl  expert traces         {"prompt", "completion", "answer"} in the R1 format
-  pretrain.jsonl    pretraining text      {"text"}: the skills, not the answer format
+  pretrain.jsonl    pretraining text      {"text"}: the skills, never the procedure
 
     python data/sums/prepare.py
-    python data/sums/prepare.py --max-terms 12 --out-dir out/sums12
+    python data/sums/prepare.py --max-times 6 --out-dir out/sums6
 
-Why this task: "What is 3 + 7 + 2 + 9 + 4?" in one go asks a model of a million
-parameters to add five digits at once, which it cannot do reliably; written out as
-running sums inside <think> (3+7=10, 10+2=12, 12+9=21, 21+4=25) each step is one fact
-of a small addition table. Writing the steps out is what makes the problem easy, which
-is the point of a chain of thought. Answers are integers, checked by rewards.py.
+Why this task: "What is the last digit of 57 + 8 * 5?" in one go asks a model of a
+million parameters for a product and a sum at once, which it does not manage. Written out
+inside <think> (7+8=15 (4), 5+8=13 (3), ...: add, keep the last digit, count down the
+additions left) each step is one fact of the addition table of two digits, and reads only
+what lies a fixed distance behind it; a tiny model learns that in a couple of thousand
+steps, where looking things up by content takes far more. Answers are integers, checked
+by rewards.py.
 """
 
 import argparse
@@ -23,15 +26,15 @@ import os
 import random
 
 
-def question(terms):
-    n, d, k = terms
+def question(q):
+    n, d, k = q
     return f"What is the last digit of {n} + {d} * {k}?"
 
 
-def trace(terms):
+def trace(q):
     """The expert's completion: add d, k times, keeping only the last digit, counting down
     the additions left. Sums are written with two digits, so every step has the same shape."""
-    n, d, k = terms
+    n, d, k = q
     steps, x = [], n % 10
     for left in range(k - 1, -1, -1):
         steps.append(f"{x}+{d}={x + d:02d} ({left})")
@@ -39,8 +42,8 @@ def trace(terms):
     return f"<think>{', '.join(steps)}.</think> <answer>{x}</answer>"
 
 
-def answer(terms):
-    n, d, k = terms
+def answer(q):
+    n, d, k = q
     return str((n + d * k) % 10)
 
 
@@ -66,13 +69,13 @@ def pretrain_doc(rng, lo, hi):
     if kind == "count":  # counting down
         k = rng.randint(1, hi)
         return ", ".join(f"({i})" for i in range(k, -1, -1)) + "."
-    terms = problem(rng, lo, hi)
-    n, d, k = terms
+    q = problem(rng, lo, hi)
+    n, d, k = q
     if kind == "read":  # reading a question, without answering it
-        return f"{question(terms)} It starts at {n % 10}, adds {d}, {k} times."
+        return f"{question(q)} It starts at {n % 10}, adds {d}, {k} times."
     note = f"<think>{k} times {d}.</think> " if rng.random() < 0.2 else " "
-    ans = f"<answer>{answer(terms)}</answer>" if rng.random() < 0.3 else f"{answer(terms)}."
-    return f"{question(terms)}{note}{ans}"
+    ans = f"<answer>{answer(q)}</answer>" if rng.random() < 0.3 else f"{answer(q)}."
+    return f"{question(q)}{note}{ans}"
 
 
 def main():
@@ -87,8 +90,11 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
     args = p.parse_args()
-    if not 1 <= args.min_times <= args.max_times:
-        p.error("--min-times must be at least 1 and at most --max-times")
+    if not 1 <= args.min_times <= args.max_times <= 9:
+        p.error("--min-times must be at least 1 and at most --max-times, which is at most 9 (one-digit counts)")
+    for flag in ["num_train", "num_test", "num_fresh", "num_cold_start", "num_pretrain"]:
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
 
     rng = random.Random(args.seed)
     sizes = [("test", args.num_test), ("train", args.num_train), ("fresh", args.num_fresh),
@@ -98,10 +104,10 @@ def main():
     for _ in range(50 * need):
         if len(problems) == need:
             break
-        terms = tuple(problem(rng, args.min_times, args.max_times))
-        if terms not in seen:
-            seen.add(terms)
-            problems.append(terms)
+        q = problem(rng, args.min_times, args.max_times)
+        if q not in seen:
+            seen.add(q)
+            problems.append(q)
     if len(problems) < need:
         p.error(f"only {len(problems)} distinct questions; ask for fewer")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -121,11 +127,11 @@ def main():
             write(name, [{"prompt": question(t), "completion": trace(t), "answer": answer(t)} for t in part])
         else:
             write(name, [{"prompt": question(t), "answer": answer(t), "lang": "en"} for t in part])
-    held_out = {question(t) for t in problems[:args.num_test]}
+    asked = {question(t) for t in problems}
     docs = []
     while len(docs) < args.num_pretrain:
         doc = pretrain_doc(rng, args.min_times, args.max_times)
-        if doc.split("?")[0] + "?" not in held_out:  # no held-out answer leaks into pretraining
+        if doc.split("?")[0] + "?" not in asked:  # no question of any split is in the pretraining text
             docs.append({"text": doc})
     write("pretrain", docs)
 
