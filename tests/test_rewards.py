@@ -166,7 +166,7 @@ def test_absurd_inputs_are_refused_quickly(pred):
 
 
 def test_a_check_past_the_time_limit_kills_the_worker_and_the_next_check_works():
-    R.math_equal("1", "1")  # a warm worker
+    R.math_equal("1/2", "1/2")  # a warm worker (two integers would skip it)
     (proc,) = R._idle_workers[-1:]
     t = time.time()
     # passes every guard, but comparing means expanding two polynomials of ~5e8 terms
@@ -285,7 +285,7 @@ def test_score_many_matches_score_one_by_one():
 
 
 def test_a_dead_worker_is_replaced_and_workers_die_with_their_parent(tmp_path):
-    R.math_equal("1", "1")
+    R.math_equal("1/2", "1/2")  # not two integers, which skip the worker
     for proc in R._idle_workers:
         proc.kill()
         proc.wait()
@@ -295,7 +295,7 @@ def test_a_dead_worker_is_replaced_and_workers_die_with_their_parent(tmp_path):
         "import os, sys, threading, time\n"
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(R.__file__))!r})\n"
         "import rewards as R\n"
-        "R.math_equal('1', '1')\n"
+        "R.math_equal('1/2', '1/2')\n"
         "print(R._idle_workers[0].pid, flush=True)\n"
         "slow = 'f(x)(w+x+y+z+1)^{300}'\n"
         "threading.Thread(target=R.math_equal, args=(slow, slow.replace('1)', '2)'), 60)).start()\n"

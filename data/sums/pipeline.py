@@ -1,7 +1,7 @@
 """The whole R1 recipe in miniature, on the sums task: one command, offline, on a CPU.
 
-    python data/sums/pipeline.py                   # every stage, about 12 minutes on 2 CPU cores
-    python data/sums/pipeline.py --quick           # the same stages, shortened (about 2 minutes)
+    python data/sums/pipeline.py                   # every stage, about 14 minutes on 2 CPU cores
+    python data/sums/pipeline.py --quick           # the same stages, shortened (about 1 minute)
     python data/sums/pipeline.py --rl-args "--scale none --agg seq-sum"   # Dr. GRPO in both RL stages
 
 Each stage is one command of the project, printed before it runs; its log, checkpoints
@@ -43,14 +43,15 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 # Stage sizes. "full" is the run the README reports; "quick" only checks that every stage runs.
 SIZES = {
     "full": dict(num_pretrain=30000, num_train=2000, num_test=200, num_fresh=1000, num_cold_start=300,
-                 pretrain_epochs=1, zero_steps=60, cold_epochs=16, rl_steps=100, reject_samples=4,
+                 pretrain_epochs=1, zero_steps=60, cold_epochs=24, rl_steps=100, reject_samples=4,
                  student_epochs=12, eval_samples=4),
+    # quick: enough cold start for the format, so that a few guessed digits are kept
     "quick": dict(num_pretrain=2000, num_train=200, num_test=20, num_fresh=30, num_cold_start=60,
-                  pretrain_epochs=1, zero_steps=3, cold_epochs=1, rl_steps=3, reject_samples=2,
+                  pretrain_epochs=1, zero_steps=3, cold_epochs=30, rl_steps=3, reject_samples=4,
                   student_epochs=1, eval_samples=2),
 }
 BASE = ["--hidden", "128", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--mlp", "512"]  # 1.0M parameters
-SMALL = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--mlp", "256"]  # the student, 0.13M
+SMALL = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--mlp", "256"]  # the student, 0.15M parameters
 MAX_NEW_TOKENS = 128  # the longest expert trace (9 additions) is 113 tokens
 
 
