@@ -1,7 +1,7 @@
 """The whole R1 recipe in miniature, on the sums task: one command, offline, on a CPU.
 
     python data/sums/pipeline.py                   # every stage, about 14 minutes on 2 CPU cores
-    python data/sums/pipeline.py --quick           # the same stages, shortened (about 1 minute)
+    python data/sums/pipeline.py --quick           # the same stages, shortened (about 2 minutes)
     python data/sums/pipeline.py --rl-args "--scale none --agg seq-sum"   # Dr. GRPO in both RL stages
 
 Each stage is one command of the project, printed before it runs; its log, checkpoints
