@@ -1004,9 +1004,10 @@ def math_equal(pred, gold, timeout=MATH_TIMEOUT):
     gold. False on a timeout: the worker doing the comparison is killed."""
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
-    fast = (_int_answer(pred), BARE_INT.fullmatch(gold))
-    if fast[0] is not None and fast[1]:
-        return fast[0] == int(fast[1].group(1))
+    gold_int = BARE_INT.fullmatch(gold)  # checked first: the completion is only parsed for an integer reference
+    pred_int = _int_answer(pred) if gold_int else None
+    if pred_int is not None:
+        return pred_int == int(gold_int.group(1))
     request = json.dumps([pred, gold]).encode() + b"\n"
     for attempt in range(2):  # a second try, on a new worker, only when the first one had died
         proc = None

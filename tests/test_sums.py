@@ -47,6 +47,14 @@ def test_trace_worked_by_hand():
     assert prep.trace((3, 2, 1)) == "<think>3+2=05 (0).</think> <answer>5</answer>"
 
 
+def test_the_longest_trace_fits_the_pipelines_token_limit():
+    import common
+
+    tok = common.build_tiny_tokenizer()  # the tokenizer of every model the pipeline builds
+    longest = max(len(tok(prep.trace((n, d, 9)))["input_ids"]) for n in (9, 99) for d in range(2, 10))
+    assert longest == 113 and longest + 1 <= pipe.MAX_NEW_TOKENS  # + 1: the end token
+
+
 def test_every_trace_is_correct_and_well_formed(tmp_path):
     prepare(tmp_path, "--num-pretrain", "10")
     for r in records(tmp_path / "cold_start.jsonl"):

@@ -54,8 +54,8 @@ def problem(rng, lo, hi):
 
 def pretrain_doc(rng, lo, hi):
     """One pretraining document. It teaches the skills (the addition table of two digits,
-    the last digit of a number, counting down, questions answered in one go) but never the
-    additions written out. The tags appear the way markup appears in web text: a note in
+    the last digit of a number, counting down, reading a question, questions answered in one
+    go) but never the additions written out. The tags appear the way markup appears in web text: a note in
     <think> now and then, an answer in <answer> now and then; a few pages (about 6% of the
     questions) happen to have R1's layout."""
     kind = rng.choice(["table", "table", "digit", "count", "read", "question", "question"])
