@@ -559,8 +559,9 @@ def open_run(out, flags, wandb_project=None, header=None):
 # checkpoints: Hugging Face format, written under a temporary name and renamed
 
 
-def save_checkpoint(path, model, tok, args=None):
-    """Save model + tokenizer (+ the run's flags as args.json) to `path` atomically.
+def save_checkpoint(path, model, tok, args=None, state=None):
+    """Save model + tokenizer (+ the run's flags as args.json, + the training state of
+    `state` as trainer_state.pt, for --resume) to `path` atomically.
 
     A crash while writing leaves only a `.tmp-` folder behind; `path` is either the
     previous complete checkpoint or the new complete one, never a half-written one.
@@ -574,9 +575,71 @@ def save_checkpoint(path, model, tok, args=None):
     if args is not None:
         with open(tmp / "args.json", "w") as f:
             json.dump(args, f, indent=2)
+    if state is not None:
+        torch.save(state, tmp / STATE_FILE)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
         os.replace(path, old)  # a folder cannot be replaced in place: move the old one aside
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def prune_checkpoints(out, keep):
+    """Delete all but the newest `keep` step-NNNNNN checkpoints of a run folder (0 keeps all)."""
+    steps = sorted(d for d in os.listdir(out) if d.startswith("step-")) if keep else []
+    for d in steps[:-keep]:
+        shutil.rmtree(os.path.join(out, d))
+
+
+# ----------------------------------------------------------------------------------------
+# exact resume: a checkpoint also holds everything the next step depends on
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state(generators=()):
+    """Every random state a run draws from: Python's, numpy's, torch's (CPU and CUDA) and
+    the run's own torch.Generators (sampling, evaluation)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "generators": [g.get_state() for g in generators]}
+
+
+def set_rng_state(state, generators=()):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+
+
+def resume_from(out, resume):
+    """The checkpoint --resume names -> (its folder, its training state). `resume` is "latest"
+    (the newest checkpoint of `out` that holds a training state) or a checkpoint folder."""
+    if resume == "latest":
+        found = sorted(d for d in os.listdir(out) if d.startswith("step-")
+                       and os.path.exists(os.path.join(out, d, STATE_FILE))) if os.path.isdir(out) else []
+        if not found:
+            raise UserError(f"--resume: {out} holds no checkpoint with a {STATE_FILE} to resume from")
+        path = os.path.join(out, found[-1])
+    else:
+        path = resume
+        if not os.path.exists(os.path.join(path, STATE_FILE)):
+            raise UserError(f"--resume {path}: no {STATE_FILE} there (not a checkpoint of this project's runs)")
+    # the state holds Python objects (RNG states), so it is unpickled: load only your own checkpoints
+    return path, torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+
+
+def truncate_jsonl(path, step):
+    """Drop the records of steps after `step` (logged after the checkpoint a run resumes from),
+    atomically; records without a step (a run's header) stay."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)

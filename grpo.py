@@ -22,6 +22,12 @@ Variants are flags: Dr. GRPO (--scale none --agg seq-sum), DAPO (--clip-high 0.2
 
     python grpo.py --model Qwen2.5-0.5B --group 8 --data data/gsm8k/train.jsonl
     python grpo.py --model out/tiny --data train.jsonl --device cpu --max-new-tokens 64
+
+A run that dies goes on from its newest checkpoint with the same command plus --resume.
+A checkpoint holds, beside the policy, the optimizer, the step, the position in the data
+order, every random state (sampling included) and the reference model when
+--ref-reset-every has moved it, so the resumed run trains exactly as an uninterrupted one
+would have (bitwise on CPU; tests/test_resume.py).
 """
 
 import argparse
@@ -96,6 +102,10 @@ def get_args(argv=None):
     # logging and output
     p.add_argument("--out", default="out/grpo", help="output folder: metrics.jsonl, samples.jsonl, checkpoints")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only at the end")
+    p.add_argument("--save-total-limit", type=int, default=0, help="keep only the newest N checkpoints; 0 = all")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue a run exactly: alone, from the newest checkpoint of --out; or from the checkpoint "
+                        "folder given. --model stays the reference model's starting point")
     p.add_argument("--sample-every", type=int, default=10, help="write one group's completions every N steps; 0 = never")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (wandb is optional)")
     args = p.parse_args(argv)
@@ -106,7 +116,8 @@ def get_args(argv=None):
     for flag in ["num_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size", "eval_samples"]:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ["warmup_steps", "eval_every", "eval_prompts", "save_every", "sample_every", "ref_reset_every"]:
+    for flag in ["warmup_steps", "eval_every", "eval_prompts", "save_every", "save_total_limit", "sample_every",
+                 "ref_reset_every"]:
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.temperature <= 0:
@@ -257,7 +268,8 @@ def train(args):
           f"{args.micro_batch_size}, {args.num_iterations} update(s) per step, {args.num_steps} steps "
           f"on {device} in {str(dtype).removeprefix('torch.')}")
 
-    # model and data
+    # model and data; a resumed run takes the policy (and all else) from its checkpoint
+    resumed, state = common.resume_from(args.out, args.resume) if args.resume else (None, None)
     model, tok = common.load_model(args.model, device, torch.float32)  # master weights; dtype is for compute
 
     def amp():
@@ -277,13 +289,23 @@ def train(args):
     if args.beta > 0:  # a frozen copy of the initial policy; none when beta is 0
         # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1
         ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if state and state["ref"] is not None:  # moved by --ref-reset-every
+            ref.load_state_dict(state["ref"])
+    if resumed:
+        model, _ = common.load_model(resumed, device, torch.float32, tokenizer=False)
     if args.grad_checkpointing:
         common.enable_grad_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
-    data_state = {"epoch": 0, "pos": 0}
+    data_state, start = {"epoch": 0, "pos": 0}, 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        data_state, start = state["data"], state["step"]
+        for name in ["metrics.jsonl", "samples.jsonl"]:  # what was logged after the checkpoint is redone
+            common.truncate_jsonl(os.path.join(args.out, name), start)
+        print(f"resuming from {resumed} after step {start}")
 
     # logging
     flags = vars(args)
@@ -304,11 +326,14 @@ def train(args):
         tqdm.write(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
                    f" | len {ev['eval_len']:.0f}")
 
-    if eval_examples:
+    if eval_examples and not start:
         run_eval(0)
+    if state:  # last: nothing above may draw from the random streams the next step continues
+        common.set_rng_state(state["rng"], [generator, eval_generator])
 
     history = []
-    for step in tqdm(range(1, args.num_steps + 1), desc="grpo", dynamic_ncols=True):
+    for step in tqdm(range(start + 1, args.num_steps + 1), desc="grpo", dynamic_ncols=True,
+                     initial=start, total=args.num_steps):
         t0 = time.time()
         if ref is not None and args.ref_reset_every and step > 1 and (step - 1) % args.ref_reset_every == 0:
             ref.load_state_dict(model.state_dict())  # DeepSeekMath's iterative RL: new reference
@@ -443,7 +468,12 @@ def train(args):
         if eval_examples and (last or (args.eval_every and step % args.eval_every == 0)):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
-            path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags)
+            # everything the next step depends on, so that a resumed run trains exactly as this one
+            ckpt_state = {"step": step, "optimizer": opt.state_dict(), "data": dict(data_state),
+                          "rng": common.rng_state([generator, eval_generator]),
+                          "ref": ref.state_dict() if ref is not None and args.ref_reset_every else None}
+            path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags, ckpt_state)
+            common.prune_checkpoints(args.out, args.save_total_limit)
             tqdm.write(f"saved {path}")
     finish()
     return history

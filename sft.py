@@ -27,6 +27,11 @@ Deliberate simplifications:
     python sft.py --model Qwen2.5-0.5B --data cold_start.jsonl --out out/sft
     python sft.py --model Qwen2.5-1.5B --teacher Qwen2.5-7B --kd-weight 0.5 --data kept.jsonl
     python sft.py --init scratch --layers 4 --hidden 128 --data text.jsonl --device cpu --out out/base
+
+A run that dies goes on from its newest checkpoint with the same command plus --resume.
+A checkpoint holds, beside the model, the optimizer, the step (the data order and the
+learning rate follow from it) and every random state, so the resumed run trains exactly
+as an uninterrupted one would have (bitwise on CPU; tests/test_resume.py).
 """
 
 import argparse
@@ -100,6 +105,10 @@ def get_args(argv=None):
     # logging and output
     p.add_argument("--out", default="out/sft", help="output folder: metrics.jsonl, args.json, checkpoints")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only at the end")
+    p.add_argument("--save-total-limit", type=int, default=0, help="keep only the newest N checkpoints; 0 = all")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue a run exactly: alone, from the newest checkpoint of --out; or from the checkpoint "
+                        "folder given (the model comes from the checkpoint; give the run's other flags again)")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (wandb is optional)")
     args = p.parse_args(argv)
 
@@ -116,7 +125,7 @@ def get_args(argv=None):
                  "micro_batch_size", "eval_samples", "max_new_tokens"]:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ["num_steps", "group_by_length", "eval_every", "eval_prompts", "save_every"]:
+    for flag in ["num_steps", "group_by_length", "eval_every", "eval_prompts", "save_every", "save_total_limit"]:
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.micro_batch_size > args.batch_size:
@@ -353,8 +362,11 @@ def train(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.UserError(f"--out {args.out}: exists and is not a folder")
 
-    # model
-    if args.init == "scratch":
+    # model; a resumed run takes it (and all else) from its checkpoint
+    resumed, state = common.resume_from(args.out, args.resume) if args.resume else (None, None)
+    if resumed:
+        model, tok = common.load_model(resumed, device, torch.float32)
+    elif args.init == "scratch":
         tok = common.build_tiny_tokenizer() if not args.tokenizer else load_tokenizer(args.tokenizer)
         model = common.new_model(tok, args.hidden, args.layers, args.heads, args.kv_heads, args.mlp,
                                  args.context, args.seed).to(device)
@@ -431,6 +443,12 @@ def train(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # sampled evaluation only
     eos = common.eos_ids(model, tok)
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
+        print(f"resuming from {resumed} after step {start}")
 
     def amp():
         return common.autocast(device, dtype)
@@ -470,10 +488,13 @@ def train(args):
         if len(record) > 1:
             log(step, record)
 
-    run_eval(0)
+    if not start:
+        run_eval(0)
+    if state:  # last: nothing above may draw from the random streams the next step continues
+        common.set_rng_state(state["rng"], [generator])
     history = []
-    batches, epoch = [], -1
-    for step in tqdm(range(1, num_steps + 1), desc="sft", dynamic_ncols=True):
+    batches, epoch = [], -1  # the data order is a function of the step: nothing to restore
+    for step in tqdm(range(start + 1, num_steps + 1), desc="sft", dynamic_ncols=True, initial=start, total=num_steps):
         t0 = time.time()
         if (step - 1) // steps_per_epoch != epoch:  # a new epoch: a new seeded order
             epoch = (step - 1) // steps_per_epoch
@@ -527,7 +548,9 @@ def train(args):
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
-            path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags)
+            ckpt_state = {"step": step, "optimizer": opt.state_dict(), "rng": common.rng_state([generator])}
+            path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags, ckpt_state)
+            common.prune_checkpoints(args.out, args.save_total_limit)
             tqdm.write(f"saved {path}")
     finish()
     return history

@@ -12,18 +12,9 @@ from transformers import AutoModelForCausalLM
 import common
 import grpo
 import rewards as R
+from conftest import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def digits(completion, example):
-    """A toy reward a random tiny model can learn in a few steps: the share of digit characters."""
-    return sum(ch.isdigit() for ch in completion) / max(1, len(completion))
-
-
-@pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setitem(R.REWARDS, "digits", digits)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,155 @@
+"""Exact resume: a run stopped after a checkpoint and resumed trains exactly as one that was
+never stopped (bitwise on CPU: one thread, conftest.py), for grpo.py and sft.py."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import grpo
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = {"s", "sample_s", "tok/s"}  # wall-clock fields, the only ones allowed to differ
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(10):  # 10 prompts, 4 per step: steps 3 and 6 cross an epoch of the data order
+            a, b = (7 * i) % 23, (5 * i) % 19
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b),
+                                "completion": f"{a} + {b} = {a + b}."}) + "\n")
+    return d
+
+
+def grpo_run(tiny_dir, data, out, *extra):
+    # beta > 0 with the reference reset at steps 3 and 5 (so the one resumed after step 3 is not
+    # the initial model), sampling at temperature 0.9, an evaluation after every step (its own
+    # random stream): every piece of state counts
+    return grpo.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
+                      "--prompts-per-step", "4", "--group", "4", "--max-new-tokens", "8", "--lr", "1e-2",
+                      "--rewards", "digits", "--temperature", "0.9", "--beta", "0.04", "--ref-reset-every", "2",
+                      "--num-steps", "6", "--save-every", "3", "--sample-every", "1", "--warmup-steps", "3",
+                      "--eval-data", str(data / "train.jsonl"), "--eval-every", "1", "--eval-prompts", "2",
+                      "--eval-samples", "2", *extra])
+
+
+def sft_run(tiny_dir, data, out, *extra):
+    # batches of 4 of 9 examples (one held out): steps 4 onwards are in a new epoch's order
+    return sft.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
+                     "--template", "raw", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
+                     "--num-steps", "6", "--save-every", "3", "--val-fraction", "0.1", "--eval-data",
+                     str(data / "train.jsonl"), "--eval-every", "3", "--eval-prompts", "2", "--eval-samples", "2",
+                     "--max-new-tokens", "6", *extra])
+
+
+def steps_logged(out):
+    """metrics.jsonl's step and eval records, wall-clock fields left out."""
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if "step" in r]
+
+
+def stop_after(full, out, step):
+    """The state a run killed right after saving checkpoint `step` leaves behind: that
+    checkpoint, and the logs of every step it got to (the next ones too)."""
+    shutil.copytree(full, out)
+    for d in os.listdir(out):
+        if d.startswith("step-") and int(d[5:]) > step:
+            shutil.rmtree(out / d)
+
+
+@pytest.mark.parametrize("script", ["grpo", "sft"])
+def test_resumed_run_equals_the_uninterrupted_one(tiny_dir, data, tmp_path, toy, script):
+    run = grpo_run if script == "grpo" else sft_run
+    last, half = "step-000006", 3
+    run(tiny_dir, data, tmp_path / "full")
+    stop_after(tmp_path / "full", tmp_path / "resumed", half)
+    history = run(tiny_dir, data, tmp_path / "resumed", "--resume")
+    assert [r["step"] for r in history] == list(range(half + 1, 2 * half + 1))
+    a = load_file(tmp_path / "full" / last / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / last / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full, resumed = steps_logged(tmp_path / "full"), steps_logged(tmp_path / "resumed")
+    assert full == resumed and len(full) > 2 * half  # steps and evals, each once, equal to the last digit
+    before = load_file(tmp_path / "full" / f"step-{half:06d}" / "model.safetensors")
+    assert any(not torch.equal(a[k], before[k]) for k in a)  # the second half trained
+    if script == "grpo":
+        samples = [json.loads(line) for line in open(tmp_path / "resumed" / "samples.jsonl")]
+        assert [s["step"] for s in samples] == [s["step"] for s in map(json.loads, open(tmp_path / "full" / "samples.jsonl"))]
+
+
+def test_resume_from_a_named_checkpoint_and_not_without_one(tiny_dir, data, tmp_path, toy):
+    grpo_run(tiny_dir, data, tmp_path / "full")
+    history = grpo_run(tiny_dir, data, tmp_path / "other", "--resume", str(tmp_path / "full" / "step-000003"))
+    a = load_file(tmp_path / "full" / "step-000006" / "model.safetensors")
+    b = load_file(tmp_path / "other" / "step-000006" / "model.safetensors")
+    assert [r["step"] for r in history] == [4, 5, 6] and all(torch.equal(a[k], b[k]) for k in a)
+    for script, argv in [(grpo_run, ["--resume"]), (sft_run, ["--resume", str(tmp_path / "nowhere")])]:
+        with pytest.raises(SystemExit) as e:
+            script(tiny_dir, data, tmp_path / "empty", *argv)
+        assert str(e.value.code).startswith("error: --resume")
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_dir, data, tmp_path, toy, monkeypatch):
+    real_save = torch.save
+
+    def crash(obj, path, *a, **k):  # dies with the model written and the state half-written
+        if "step-000006" in str(path):
+            open(path, "wb").write(b"half")
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        grpo_run(tiny_dir, data, tmp_path / "run")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path / "run")) == [".tmp-step-000006", "args.json", "metrics.jsonl",
+                                                    "samples.jsonl", "step-000003"]
+    path, state = common.resume_from(str(tmp_path / "run"), "latest")
+    assert path.endswith("step-000003") and state["step"] == 3
+    grpo_run(tiny_dir, data, tmp_path / "run", "--resume")  # and the run completes from there
+    assert (tmp_path / "run" / "step-000006" / common.STATE_FILE).exists()
+
+
+def test_save_total_limit_keeps_the_newest(tiny_dir, data, tmp_path, toy):
+    grpo_run(tiny_dir, data, tmp_path / "run", "--save-every", "1", "--save-total-limit", "2")
+    assert sorted(d for d in os.listdir(tmp_path / "run") if d.startswith("step")) == ["step-000005", "step-000006"]
+    sft_run(tiny_dir, data, tmp_path / "sft", "--save-every", "1", "--save-total-limit", "1")
+    assert sorted(d for d in os.listdir(tmp_path / "sft") if d.startswith("step")) == ["step-000006"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_dir, data, tmp_path):
+    """A real kill -9 of sft.py at a random moment after its first checkpoint: every
+    checkpoint left is complete, and resuming gives the uninterrupted run's weights."""
+    argv = [sys.executable, os.path.join(ROOT, "sft.py"), "--model", tiny_dir, "--data", str(data / "train.jsonl"),
+            "--device", "cpu", "--template", "raw", "--batch-size", "4", "--lr", "1e-2", "--num-steps", "40",
+            "--save-every", "1", "--val-fraction", "0", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(argv + ["--out", str(tmp_path / "full")], check=True, capture_output=True, env=env)
+    proc = subprocess.Popen(argv + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    while not (tmp_path / "killed" / "step-000005").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = sorted(d for d in os.listdir(tmp_path / "killed") if d.startswith("step-"))
+    assert "step-000040" not in left  # it was killed before the end
+    for d in left:  # each one loads, state included
+        common.load_model(str(tmp_path / "killed" / d))
+        common.resume_from(str(tmp_path / "killed"), str(tmp_path / "killed" / d))
+    subprocess.run(argv + ["--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True, env=env)
+    a = load_file(tmp_path / "full" / "step-000040" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "step-000040" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
