@@ -90,6 +90,8 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many steps in a row skipped for a non-finite loss or gradient; 0 = never")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
     p.add_argument("--micro-batch-size", type=int, default=8, help="completions per forward/backward pass")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
@@ -117,7 +119,7 @@ def get_args(argv=None):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ["warmup_steps", "eval_every", "eval_prompts", "save_every", "save_total_limit", "sample_every",
-                 "ref_reset_every"]:
+                 "ref_reset_every", "max_bad_steps"]:
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.temperature <= 0:
@@ -331,7 +333,7 @@ def train(args):
     if state:  # last: nothing above may draw from the random streams the next step continues
         common.set_rng_state(state["rng"], [generator, eval_generator])
 
-    history = []
+    history, bad_steps = [], 0
     for step in tqdm(range(start + 1, args.num_steps + 1), desc="grpo", dynamic_ncols=True,
                      initial=start, total=args.num_steps):
         t0 = time.time()
@@ -374,7 +376,7 @@ def train(args):
 
         # 3. the update: --num-iterations passes over the batch, one optimizer step each
         sums = {"kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
-        n_tok_logged, gnorm = 0, float("nan")
+        n_tok_logged, gnorm, skipped = 0, float("nan"), False
         lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
         for pg in opt.param_groups:
             pg["lr"] = lr
@@ -421,9 +423,10 @@ def train(args):
                     sums["entropy"] += (ent * mask).sum().item()
                     n_tok_logged += n_tok
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
-                if not math.isfinite(gnorm):
+                if not math.isfinite(gnorm):  # a non-finite loss makes a non-finite gradient too
                     tqdm.write(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
                     opt.zero_grad(set_to_none=True)
+                    skipped = True
                     continue
                 opt.step()
         for k in sums:  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
@@ -447,6 +450,11 @@ def train(args):
         tqdm.write(line)
         log(step, record)
         history.append(record)
+        bad_steps = bad_steps + 1 if skipped else 0
+        if args.max_bad_steps and bad_steps >= args.max_bad_steps:
+            raise common.UserError(f"--max-bad-steps {args.max_bad_steps}: the last {bad_steps} steps had a non-finite "
+                                   "loss or gradient and were skipped; stopping. Lower --lr, or --resume from a "
+                                   "checkpoint before the trouble")
         if record["trunc"] > 0.5:
             warn_every("trunc", step, f"{record['trunc']:.0%} of completions hit --max-new-tokens "
                        f"{args.max_new_tokens} without ending; their rewards are usually 0: raise the limit")

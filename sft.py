@@ -91,6 +91,8 @@ def get_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of --lr")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up, steps; default 3%% of the steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many steps in a row skipped for a non-finite loss or gradient; 0 = never")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, data order, sampling and init")
     # evaluation
@@ -125,7 +127,8 @@ def get_args(argv=None):
                  "micro_batch_size", "eval_samples", "max_new_tokens"]:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ["num_steps", "group_by_length", "eval_every", "eval_prompts", "save_every", "save_total_limit"]:
+    for flag in ["num_steps", "group_by_length", "eval_every", "eval_prompts", "save_every", "save_total_limit",
+                 "max_bad_steps"]:
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.micro_batch_size > args.batch_size:
@@ -492,7 +495,7 @@ def train(args):
         run_eval(0)
     if state:  # last: nothing above may draw from the random streams the next step continues
         common.set_rng_state(state["rng"], [generator])
-    history = []
+    history, bad_steps = [], 0
     batches, epoch = [], -1  # the data order is a function of the step: nothing to restore
     for step in tqdm(range(start + 1, num_steps + 1), desc="sft", dynamic_ncols=True, initial=start, total=num_steps):
         t0 = time.time()
@@ -524,8 +527,9 @@ def train(args):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
         if math.isfinite(gnorm):
             opt.step()
-        else:
+        else:  # a non-finite loss makes a non-finite gradient too
             tqdm.write(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
+        bad_steps = 0 if math.isfinite(gnorm) else bad_steps + 1
         seconds = time.time() - t0
 
         # log: one line, one jsonl record
@@ -542,6 +546,10 @@ def train(args):
         tqdm.write(line)
         log(step, record)
         history.append(record)
+        if args.max_bad_steps and bad_steps >= args.max_bad_steps:
+            raise common.UserError(f"--max-bad-steps {args.max_bad_steps}: the last {bad_steps} steps had a non-finite "
+                                   "loss or gradient and were skipped; stopping. Lower --lr, or --resume from a "
+                                   "checkpoint before the trouble")
 
         # evaluate and save on their cadence, and at the end
         last = step == num_steps

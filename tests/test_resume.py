@@ -1,5 +1,6 @@
-"""Exact resume: a run stopped after a checkpoint and resumed trains exactly as one that was
-never stopped (bitwise on CPU: one thread, conftest.py), for grpo.py and sft.py."""
+"""Runs that survive, for grpo.py and sft.py: a run stopped after a checkpoint and resumed
+trains exactly as one that was never stopped (bitwise on CPU: one thread, conftest.py); a
+step with a non-finite loss is skipped, and too many in a row stop the run."""
 
 import json
 import os
@@ -32,25 +33,25 @@ def data(tmp_path_factory):
     return d
 
 
-def grpo_run(tiny_dir, data, out, *extra):
+def grpo_run(tiny_dir, data, out, *extra, evaluate=True):
     # beta > 0 with the reference reset at steps 3 and 5 (so the one resumed after step 3 is not
     # the initial model), sampling at temperature 0.9, an evaluation after every step (its own
     # random stream): every piece of state counts
+    ev = ["--eval-data", str(data / "train.jsonl"), "--eval-every", "1", "--eval-prompts", "2", "--eval-samples", "2"]
     return grpo.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
                       "--prompts-per-step", "4", "--group", "4", "--max-new-tokens", "8", "--lr", "1e-2",
                       "--rewards", "digits", "--temperature", "0.9", "--beta", "0.04", "--ref-reset-every", "2",
                       "--num-steps", "6", "--save-every", "3", "--sample-every", "1", "--warmup-steps", "3",
-                      "--eval-data", str(data / "train.jsonl"), "--eval-every", "1", "--eval-prompts", "2",
-                      "--eval-samples", "2", *extra])
+                      *(ev if evaluate else []), *extra])
 
 
-def sft_run(tiny_dir, data, out, *extra):
+def sft_run(tiny_dir, data, out, *extra, evaluate=True):
     # batches of 4 of 9 examples (one held out): steps 4 onwards are in a new epoch's order
+    ev = ["--val-fraction", "0.1", "--eval-data", str(data / "train.jsonl"), "--eval-every", "3", "--eval-prompts", "2",
+          "--eval-samples", "2", "--max-new-tokens", "6"]
     return sft.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
                      "--template", "raw", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
-                     "--num-steps", "6", "--save-every", "3", "--val-fraction", "0.1", "--eval-data",
-                     str(data / "train.jsonl"), "--eval-every", "3", "--eval-prompts", "2", "--eval-samples", "2",
-                     "--max-new-tokens", "6", *extra])
+                     "--num-steps", "6", "--save-every", "3", *(ev if evaluate else ["--val-fraction", "0"]), *extra])
 
 
 def steps_logged(out):
@@ -153,3 +154,42 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_dir, data, tmp_pat
     a = load_file(tmp_path / "full" / "step-000040" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "step-000040" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------- non-finite steps
+
+def nan_on(module, name, monkeypatch, bad):
+    """Wrap module.name so that the losses it returns are NaN on the calls whose number is in `bad`."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        return (out[0] * float("nan"), *out[1:]) if len(calls) in bad else out
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_a_non_finite_step_is_skipped_and_too_many_stop_the_run(tiny_dir, data, tmp_path, toy, monkeypatch, capsys):
+    # grpo: 16 samples in micro-batches of 8 are two loss calls a step; step 2 is calls 3 and 4
+    nan_on(grpo, "grpo_loss", monkeypatch, {3})
+    history = grpo_run(tiny_dir, data, tmp_path / "one", "--save-every", "1", evaluate=False)
+    assert [r["gnorm"] is None for r in history] == [False, True, False, False, False, False]
+    assert "warning: step 2: gradient norm is nan; update skipped" in capsys.readouterr().out
+    a = load_file(tmp_path / "one" / "step-000001" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "step-000002" / "model.safetensors")
+    c = load_file(tmp_path / "one" / "step-000003" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(b[k], c[k]) for k in a)
+
+    nan_on(grpo, "grpo_loss", monkeypatch, set(range(5, 100)))  # every step from step 3 on
+    with pytest.raises(SystemExit) as e:
+        grpo_run(tiny_dir, data, tmp_path / "stop", "--max-bad-steps", "2", evaluate=False)
+    assert str(e.value.code).startswith("error: --max-bad-steps 2: the last 2 steps had a non-finite")
+    assert [r["step"] for r in steps_logged(tmp_path / "stop")] == [1, 2, 3, 4]  # it stopped after step 4
+
+    # sft: one loss call per micro-batch, two a step
+    nan_on(sft, "token_losses", monkeypatch, set(range(1, 100)))
+    with pytest.raises(SystemExit) as e:
+        sft_run(tiny_dir, data, tmp_path / "sft", "--max-bad-steps", "3", evaluate=False)
+    assert str(e.value.code).startswith("error: --max-bad-steps 3")
+    assert [r["step"] for r in steps_logged(tmp_path / "sft")] == [1, 2, 3]
