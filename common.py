@@ -49,6 +49,68 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def init_distributed(device_name, backend=None, timeout_hours=2.0):
+    """Join torchrun's process group when there is one -> (rank, world, device).
+
+    One process is world 1 through the same code, with no process group. Under torchrun,
+    process r takes GPU LOCAL_RANK when the device is CUDA. backend: None = nccl for CUDA
+    tensors, gloo on CPU (gloo alone is enough for Python objects).
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(device_name)
+    if world > 1 and device.type == "cuda" and device_name in ("auto", "cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started process {local_rank} on a machine with "
+                            f"{torch.cuda.device_count()} GPUs: use --nproc_per_node {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                timeout=datetime.timedelta(hours=timeout_hours))
+    return rank, world, device
+
+
+def all_sum(values, device):
+    """Element-wise sums of a list of numbers over every process (the numbers themselves in
+    one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(items):
+    """Every process's list, concatenated in rank order (the list itself in one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def sum_gradients(model):
+    """Sum each parameter's gradient over the processes; a process without samples adds zeros."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
 def pick_dtype(name, device):
     """The compute dtype: bf16 on CUDA (when supported), fp32 elsewhere, unless the flag says."""
     if name == "auto":

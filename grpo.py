@@ -15,13 +15,17 @@ Deliberate simplifications:
 - old log-probs are the first pass's own log-probs, detached: the weights have not moved
   yet, so they equal the sampling policy's and cost no extra forward pass;
 - top-p truncation is ignored in the log-probs (as in TRL); temperature is not;
-- one process; torchrun with several processes is refused for now.
+- several processes are plain data parallelism: each samples --prompts-per-step / N of
+  the prompts (whole groups) and every process holds the whole model; the gradients are
+  summed once per update, not overlapped with the backward pass as DDP does; evaluation
+  runs on process 0 alone.
 
 Variants are flags: Dr. GRPO (--scale none --agg seq-sum), DAPO (--clip-high 0.28
 --agg token-mean --dynamic-sampling --beta 0), truncation masking (--mask-truncated).
 
     python grpo.py --model Qwen2.5-0.5B --group 8 --data data/gsm8k/train.jsonl
     python grpo.py --model out/tiny --data train.jsonl --device cpu --max-new-tokens 64
+    torchrun --nproc_per_node 8 grpo.py --model Qwen2.5-1.5B --group 8 --prompts-per-step 64 --data ...
 
 A run that dies goes on from its newest checkpoint with the same command plus --resume.
 A checkpoint holds, beside the policy, the optimizer, the step, the position in the data
@@ -151,8 +155,10 @@ def get_args(argv=None):
         args.overlong_buffer = args.max_new_tokens // 5
     if not 0 <= args.overlong_buffer <= args.max_new_tokens:
         p.error("--overlong-buffer must be between 0 and --max-new-tokens")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        p.error("several processes (torchrun) are not supported yet: run one process")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.prompts_per_step % world:
+        p.error(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes "
+                "(each process samples whole groups)")
     return args
 
 
@@ -257,7 +263,11 @@ def reward_defaults(args):
 
 def train(args):
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    # under torchrun each process samples its own share of the prompts; the gradients are
+    # summed across processes, so every process takes the same step; only process 0 writes
+    rank, world, device = common.init_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    note = tqdm.write if rank == 0 else say
     dtype = common.pick_dtype(args.dtype, device)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.UserError(f"--out {args.out}: exists and is not a folder")
@@ -265,10 +275,11 @@ def train(args):
     rewards = R.parse_rewards(args.rewards)
     rewards_names = [name for name, _, _ in rewards]
     P, G = args.prompts_per_step, args.group
-    num_micro = math.ceil(P * G / args.micro_batch_size)
-    print(f"{P} prompts x {G} completions = {P * G} per step, {num_micro} micro-batches of "
-          f"{args.micro_batch_size}, {args.num_iterations} update(s) per step, {args.num_steps} steps "
-          f"on {device} in {str(dtype).removeprefix('torch.')}")
+    Pr = P // world  # prompts per process
+    num_micro = math.ceil(Pr * G / args.micro_batch_size)
+    say(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} processes)"
+        if world > 1 else "") + f", {num_micro} micro-batches of {args.micro_batch_size}, {args.num_iterations} "
+        f"update(s) per step, {args.num_steps} steps on {device} in {str(dtype).removeprefix('torch.')}")
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
     resumed, state = common.resume_from(args.out, args.resume) if args.resume else (None, None)
@@ -286,7 +297,7 @@ def train(args):
         eval_examples, eval_ids = common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context, ["answer"])
         if args.eval_prompts:
             eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
-    print(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
+    say(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
     ref = None
     if args.beta > 0:  # a frozen copy of the initial policy; none when beta is 0
         # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1
@@ -299,27 +310,32 @@ def train(args):
         common.enable_grad_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # own samples per process
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0
     if state:
         opt.load_state_dict(state["optimizer"])
         data_state, start = state["data"], state["step"]
-        for name in ["metrics.jsonl", "samples.jsonl"]:  # what was logged after the checkpoint is redone
+        for name in ["metrics.jsonl", "samples.jsonl"] if rank == 0 else []:  # logged after the checkpoint: redone
             common.truncate_jsonl(os.path.join(args.out, name), start)
-        print(f"resuming from {resumed} after step {start}")
+        if len(state["rng"]) != world:
+            raise common.UserError(f"--resume {resumed}: written by {len(state['rng'])} processes, resumed by {world}; "
+                                   "each process continues its own random streams, so use as many")
+        say(f"resuming from {resumed} after step {start}")
 
     # logging
     flags = vars(args)
-    log, finish = common.open_run(args.out, flags, args.wandb_project)
+    log, finish = common.open_run(args.out, flags, args.wandb_project) if rank == 0 else (lambda *a: None, lambda: None)
     last_warned = {}
 
     def warn_every(key, step, message, every=20):
         if step - last_warned.get(key, -every) >= every:
             last_warned[key] = step
-            tqdm.write(f"warning: {message}")
+            note(f"warning: {message}")
 
-    def run_eval(step):
+    def run_eval(step):  # on process 0 only: the others go on to the next step's sampling
+        if rank:
+            return
         with amp():
             ev = common.evaluate(model, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
                                  args.max_new_tokens, args.eval_temperature, args.eval_top_p,
@@ -331,48 +347,58 @@ def train(args):
     if eval_examples and not start:
         run_eval(0)
     if state:  # last: nothing above may draw from the random streams the next step continues
-        common.set_rng_state(state["rng"], [generator, eval_generator])
+        common.set_rng_state(state["rng"][rank], [generator, eval_generator])
 
     history, bad_steps = [], 0
     for step in tqdm(range(start + 1, args.num_steps + 1), desc="grpo", dynamic_ncols=True,
-                     initial=start, total=args.num_steps):
+                     initial=start, total=args.num_steps, disable=rank > 0):
         t0 = time.time()
         if ref is not None and args.ref_reset_every and step > 1 and (step - 1) % args.ref_reset_every == 0:
             ref.load_state_dict(model.state_dict())  # DeepSeekMath's iterative RL: new reference
 
-        # 1. sample and score; with dynamic sampling keep only groups with reward variance
+        # 1. sample and score this process's share of the prompts; with dynamic sampling keep
+        # only groups with reward variance, and sample more rounds while any process needs some
         sampled, batch, rounds = [], [], 0
-        while len(batch) < P * G and rounds < (args.max_sampling_rounds if args.dynamic_sampling else 1):
+        max_rounds = args.max_sampling_rounds if args.dynamic_sampling else 1
+        while rounds < max_rounds and common.all_sum([len(batch) < Pr * G], device)[0]:
             rounds += 1
-            idx = next_prompts(len(examples), data_state, P, args.seed)
+            idx = next_prompts(len(examples), data_state, P, args.seed)[rank * Pr:(rank + 1) * Pr]
+            if len(batch) == Pr * G:
+                continue  # this process is full; the data order still moves on with the others'
             with amp():
                 rows = common.rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
                                       args.max_new_tokens, args.temperature, args.top_p, eos, rewards,
-                                      generator, reward_defaults(args), warn=tqdm.write)
+                                      generator, reward_defaults(args), warn=note)
             sampled += rows
-            for g in range(P):
+            for g in range(Pr):
                 group = rows[g * G:(g + 1) * G]
                 informative = len({r["reward"] for r in group}) > 1
-                if (informative or not args.dynamic_sampling) and len(batch) < P * G:
+                if (informative or not args.dynamic_sampling) and len(batch) < Pr * G:
                     batch += group
         t_sample = time.time() - t0
 
-        # 2. advantages, per group; every token of a completion gets its completion's advantage
-        rewards_t = torch.tensor([r["reward"] for r in sampled])  # (rounds * P * G,)
-        zero_var = (rewards_t.view(-1, G).std(dim=1) == 0).float().mean().item()
-        record = {"step": step, "reward": rewards_t.mean().item()}
-        for name in rewards_names:
-            record[name] = float(np.mean([r["parts"][name] for r in sampled]))
-        if "accuracy" not in record and all("answer" in r["example"] for r in sampled):
+        # 2. the step's metrics, over every process's samples
+        seen = [{"reward": r["reward"], "parts": r["parts"], "len": len(r["completion"]), "trunc": r["truncated"]}
+                for r in sampled]
+        if "accuracy" not in rewards_names and all("answer" in r["example"] for r in sampled):
             # accuracy is logged even when it is not trained on (for example --rewards format)
             check = R.parse_rewards("accuracy")
             scored = R.score_many([r["text"] for r in sampled], [r["example"] for r in sampled], check)
-            record["accuracy"] = float(np.mean([total for total, _, _ in scored]))
-        record["len"] = float(np.mean([len(r["completion"]) for r in sampled]))
-        record["trunc"] = float(np.mean([r["truncated"] for r in sampled]))
+            for x, (total, _, _) in zip(seen, scored):
+                x["accuracy"] = total
+        seen = common.all_gather(seen)  # (rounds * P * G,) in rank order, groups whole
+        rewards_t = torch.tensor([x["reward"] for x in seen])
+        zero_var = (rewards_t.view(-1, G).std(dim=1) == 0).float().mean().item()
+        record = {"step": step, "reward": rewards_t.mean().item()}
+        for name in rewards_names:
+            record[name] = float(np.mean([x["parts"][name] for x in seen]))
+        if "accuracy" not in record and all("accuracy" in x for x in seen):
+            record["accuracy"] = float(np.mean([x["accuracy"] for x in seen]))
+        record["len"] = float(np.mean([x["len"] for x in seen]))
+        record["trunc"] = float(np.mean([x["trunc"] for x in seen]))
         record["zero_var"] = zero_var
         if args.dynamic_sampling:
-            record["rounds"], record["groups"] = rounds, len(batch) // G
+            record["rounds"], record["groups"] = rounds, int(common.all_sum([len(batch) // G], device)[0])
 
         # 3. the update: --num-iterations passes over the batch, one optimizer step each
         sums = {"kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
@@ -380,61 +406,64 @@ def train(args):
         lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
         for pg in opt.param_groups:
             pg["lr"] = lr
-        if batch:
-            adv = group_advantages(torch.tensor([r["reward"] for r in batch]), G, args.scale).to(device)  # (B,)
-            use = [not (args.mask_truncated and r["truncated"]) for r in batch]
-            # the loss of each micro-batch is weighted so that the sum over micro-batches is the
-            # loss of the whole batch under the chosen aggregation
-            total_tok = sum(len(r["completion"]) for r, u in zip(batch, use) if u)
-            total_seq = sum(use)
-            # sort by length so micro-batches hold completions of similar length: less padding
-            order = sorted(range(len(batch)), key=lambda i: len(batch[i]["completion"]))
-            micro = [order[s:s + args.micro_batch_size] for s in range(0, len(order), args.micro_batch_size)]
+        adv = group_advantages(torch.tensor([r["reward"] for r in batch]), G, args.scale).to(device) if batch else None
+        use = [not (args.mask_truncated and r["truncated"]) for r in batch]
+        # the loss of each micro-batch is weighted so that the sum over micro-batches, and over
+        # processes, is the loss of the whole step's batch under the chosen aggregation
+        total_tok, total_seq = common.all_sum([sum(len(r["completion"]) for r, u in zip(batch, use) if u),
+                                               sum(use)], device)
+        # sort by length so micro-batches hold completions of similar length: less padding
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]["completion"]))
+        micro = [order[s:s + args.micro_batch_size] for s in range(0, len(order), args.micro_batch_size)]
 
-            def tensors(ix):
-                p_ids, p_mask, ids, mask = common.pad_batch([batch[i]["prompt"] for i in ix],
-                                                            [batch[i]["completion"] for i in ix],
-                                                            tok.pad_token_id, device)
-                keep = torch.tensor([use[i] for i in ix], device=device)
-                return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
+        def tensors(ix):
+            p_ids, p_mask, ids, mask = common.pad_batch([batch[i]["prompt"] for i in ix],
+                                                        [batch[i]["completion"] for i in ix],
+                                                        tok.pad_token_id, device)
+            keep = torch.tensor([use[i] for i in ix], device=device)
+            return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
 
-            ref_logps = [None] * len(micro)
-            if ref is not None:
-                with torch.inference_mode(), amp():
-                    for j, ix in enumerate(micro):
-                        ref_logps[j] = common.completion_logprobs(ref, *tensors(ix), args.temperature)
-            old_logps = [None] * len(micro)
-            for it in range(args.num_iterations if total_seq else 0):
-                opt.zero_grad(set_to_none=True)
+        ref_logps = [None] * len(micro)
+        if ref is not None:
+            with torch.inference_mode(), amp():
                 for j, ix in enumerate(micro):
-                    p_ids, p_mask, ids, mask = tensors(ix)
-                    with amp():
-                        logp, ent = common.completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
-                                                               with_entropy=True)
-                    if it == 0:  # pi_old: the weights that sampled, not yet updated
-                        old_logps[j] = logp.detach()
-                    loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low,
-                                        args.clip_high, args.beta, args.kl, args.agg, args.max_new_tokens)
-                    n_tok = int(mask.sum())
-                    share = n_tok / total_tok if args.agg == "token-mean" else int((mask.sum(1) > 0).sum()) / total_seq
-                    (loss * share).backward()
-                    for k in ["kl", "clip", "ratio"]:
-                        sums[k] += m[k].item() * n_tok
-                    sums["entropy"] += (ent * mask).sum().item()
-                    n_tok_logged += n_tok
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
-                if not math.isfinite(gnorm):  # a non-finite loss makes a non-finite gradient too
-                    tqdm.write(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
-                    opt.zero_grad(set_to_none=True)
-                    skipped = True
-                    continue
-                opt.step()
+                    ref_logps[j] = common.completion_logprobs(ref, *tensors(ix), args.temperature)
+        old_logps = [None] * len(micro)
+        for it in range(args.num_iterations if total_seq else 0):
+            opt.zero_grad(set_to_none=True)
+            for j, ix in enumerate(micro):
+                p_ids, p_mask, ids, mask = tensors(ix)
+                with amp():
+                    logp, ent = common.completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
+                                                           with_entropy=True)
+                if it == 0:  # pi_old: the weights that sampled, not yet updated
+                    old_logps[j] = logp.detach()
+                loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low,
+                                    args.clip_high, args.beta, args.kl, args.agg, args.max_new_tokens)
+                n_tok = int(mask.sum())
+                share = n_tok / total_tok if args.agg == "token-mean" else int((mask.sum(1) > 0).sum()) / total_seq
+                (loss * share).backward()
+                for k in ["kl", "clip", "ratio"]:
+                    sums[k] += m[k].item() * n_tok
+                sums["entropy"] += (ent * mask).sum().item()
+                n_tok_logged += n_tok
+            common.sum_gradients(model)  # every process now holds the whole batch's gradient
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+            if not math.isfinite(gnorm):  # a non-finite loss makes a non-finite gradient too
+                note(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
+                opt.zero_grad(set_to_none=True)
+                skipped = True
+                continue
+            opt.step()
+        *totals, n_tok_logged, n_sampled = common.all_sum(
+            [*sums.values(), n_tok_logged, sum(len(r["completion"]) for r in sampled)], device)
+        sums = dict(zip(sums, totals))
         for k in sums:  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
             record[k] = sums[k] / n_tok_logged if n_tok_logged else None
         record["gnorm"] = gnorm if math.isfinite(gnorm) else None
         record["lr"] = lr
         seconds = time.time() - t0
-        record["tok/s"] = sum(len(r["completion"]) for r in sampled) / seconds
+        record["tok/s"] = n_sampled / seconds  # generated tokens, all processes
         record["sample_s"], record["s"] = t_sample, seconds
 
         # 4. log: one line, one jsonl record, a few completions to read, warnings
@@ -443,11 +472,11 @@ def train(args):
         line += "".join(f" | {name} {record[name]:.3f}" for name in shown if name in record)
         line += f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {zero_var:.2f}"
         if args.dynamic_sampling:
-            line += f" | rounds {rounds} | groups {len(batch) // G}/{P}"
+            line += f" | rounds {rounds} | groups {record['groups']}/{P}"
         line += (f" | kl {show(record['kl'], '.4f')} | clip {show(record['clip'], '.3f')}"
                  f" | ent {show(record['entropy'], '.2f')} | gnorm {show(record['gnorm'], '.3f')}"
                  f" | lr {lr:.1e} | {record['tok/s']:.0f} tok/s | {seconds:.1f}s")
-        tqdm.write(line)
+        note(line)
         log(step, record)
         history.append(record)
         bad_steps = bad_steps + 1 if skipped else 0
@@ -458,13 +487,13 @@ def train(args):
         if record["trunc"] > 0.5:
             warn_every("trunc", step, f"{record['trunc']:.0%} of completions hit --max-new-tokens "
                        f"{args.max_new_tokens} without ending; their rewards are usually 0: raise the limit")
-        if args.dynamic_sampling and len(batch) < P * G:
-            warn_every("rounds", step, f"only {len(batch) // G} of {P} groups had reward variance after "
+        if args.dynamic_sampling and record["groups"] < P:
+            warn_every("rounds", step, f"only {record['groups']} of {P} groups had reward variance after "
                        f"{rounds} rounds (--max-sampling-rounds); the step trained on those")
         if zero_var > 0.5:
             warn_every("zero_var", step, f"{zero_var:.0%} of groups have equal rewards and teach nothing: "
                        "the task is too hard or too easy; try a larger --group or --dynamic-sampling")
-        if args.sample_every and step % args.sample_every == 0:
+        if args.sample_every and step % args.sample_every == 0 and rank == 0:
             for r in sampled[:G]:
                 common.append_jsonl(os.path.join(args.out, "samples.jsonl"), {
                     "step": step, "prompt": r["example"]["prompt"], "answer": r["example"].get("answer"),
@@ -477,13 +506,19 @@ def train(args):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
             # everything the next step depends on, so that a resumed run trains exactly as this one
-            ckpt_state = {"step": step, "optimizer": opt.state_dict(), "data": dict(data_state),
-                          "rng": common.rng_state([generator, eval_generator]),
-                          "ref": ref.state_dict() if ref is not None and args.ref_reset_every else None}
-            path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags, ckpt_state)
-            common.prune_checkpoints(args.out, args.save_total_limit)
-            tqdm.write(f"saved {path}")
+            # (the weights, optimizer and data order are the same in every process; the random
+            # streams are each process's own)
+            rngs = common.all_gather([common.rng_state([generator, eval_generator])])
+            if rank == 0:
+                ckpt_state = {"step": step, "optimizer": opt.state_dict(), "data": dict(data_state), "rng": rngs,
+                              "ref": ref.state_dict() if ref is not None and args.ref_reset_every else None}
+                path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags,
+                                              ckpt_state)
+                common.prune_checkpoints(args.out, args.save_total_limit)
+                note(f"saved {path}")
     finish()
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return history
 
 

@@ -36,7 +36,6 @@ Deliberate simplifications:
 """
 
 import argparse
-import datetime
 import glob
 import json
 import math
@@ -431,11 +430,9 @@ def remove(paths):
 
 
 def run(args):
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
-        # objects only, over gloo: no GPU collective, no shared disk. The timeout is long
-        # because process 0 waits at the end for the slowest process to finish sampling.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    # objects only, over gloo: no GPU collective, no shared disk. The timeout is long
+    # because process 0 waits at the end for the slowest process to finish sampling.
+    rank, world, device = common.init_distributed(args.device, backend="gloo", timeout_hours=24 * 7)
 
     def to_rank0(obj):
         """Every process's obj, in rank order, on process 0 (None on the others)."""
@@ -448,14 +445,6 @@ def run(args):
     files = None if args.eval_only else output_paths(args.out, rank, world)
     if files and rank == 0:
         check_flags(files, args)  # before the model loads: a mistake costs seconds, not minutes
-    device = common.pick_device(args.device)
-    if world > 1 and device.type == "cuda" and args.device in ("auto", "cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise common.UserError(f"torchrun started process {local_rank} on a machine with "
-                                   f"{torch.cuda.device_count()} GPUs: use --nproc_per_node {torch.cuda.device_count()}")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     dtype = common.pick_dtype(args.dtype, device)
     rewards = R.parse_rewards(args.rewards)
     names = [name for name, _, _ in rewards]

@@ -1,0 +1,118 @@
+"""Several processes (torchrun): 2 processes on CPU over gloo against 1 process with the same
+global batch. The processes are started by torch.multiprocessing with torchrun's variables
+(RANK, WORLD_SIZE, MASTER_ADDR, ...), which is all torchrun does for a script."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import common
+import grpo
+
+
+def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p, eos, rewards,
+                  generator, defaults, warn=print):
+    """Completions and rewards fixed by the prompt. Sampling is the one thing that may differ
+    between 1 and 2 processes (each process draws from its own random stream), so with it
+    fixed the two runs must take the same steps."""
+    rows = []
+    for ex, p in zip(examples, prompt_ids):
+        for g in range(group):
+            c = [(sum(p) * 7 + 13 * g + 5 * j) % 200 + 20 for j in range(3 + (sum(p) + g) % 5)]
+            reward = float((sum(p) + 3 * g) % 4 == 0) + 0.1 * g
+            rows.append({"prompt": p, "completion": c, "text": tok.decode(c), "truncated": False,
+                         "reward": reward, "parts": {"format": reward}, "example": ex})
+    return rows
+
+
+def capture_gradients(path):
+    """A clip_grad_norm_ that first saves the gradient it is given (the whole batch's, after
+    the sum over processes) to `path`, one tensor a step."""
+    real, grads = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, *a, **k):
+        params = list(params)
+        grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
+        torch.save(grads, path)
+        return real(params, *a, **k)
+
+    return clip
+
+
+def process(rank, world, port, argv, grads_path):
+    """One of torchrun's processes."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    common.rollout = fixed_rollout
+    torch.nn.utils.clip_grad_norm_ = capture_gradients(f"{grads_path}.{rank}")
+    grpo.main(argv)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"prompt": f"What is {i} + {2 * i}?", "answer": str(3 * i)}) + "\n")
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agg", ["seq-mean", "token-mean"])
+def test_two_processes_take_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch, agg):
+    def argv(out):
+        return ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
+                "--prompts-per-step", "4", "--group", "4", "--micro-batch-size", "8", "--rewards", "format",
+                "--num-steps", "3", "--lr", "1e-3", "--beta", "0.04", "--agg", agg, "--sample-every", "1",
+                "--max-new-tokens", "8"]
+
+    monkeypatch.setattr(common, "rollout", fixed_rollout)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture_gradients(tmp_path / "grads.one"))
+    one = grpo.main(argv(tmp_path / "one"))
+    mp.spawn(process, args=(2, free_port(), argv(tmp_path / "two"), str(tmp_path / "grads.two")), nprocs=2, join=True)
+
+    # the gradient of every step, after the sum over processes: the same in both processes;
+    # at step 1 (the same weights) the 1-process one up to float32 rounding, which is sums
+    # of the same terms in another order: about 5e-8 against entries up to 0.15 here, so
+    # 1e-5 of the largest entry is a wide margin that a missing or doubled share of the batch
+    # (10% or more) does not fit in. Later steps start from weights that Adam's rounding
+    # already moved apart (below), so they get 1e-3
+    g1, g2a, g2b = (torch.load(tmp_path / name) for name in ["grads.one", "grads.two.0", "grads.two.1"])
+    assert len(g1) == len(g2a) == 3
+    for step, (a, b, c) in enumerate(zip(g1, g2a, g2b), 1):
+        assert torch.equal(b, c)
+        assert (a - b).abs().max() <= (1e-5 if step == 1 else 1e-3) * a.abs().max() and a.abs().max() > 1e-3
+
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert "args" in two[0] and [r["step"] for r in two[1:]] == [1, 2, 3]  # process 0 alone wrote
+    for a, b in zip(one, two[1:]):
+        # the same samples in the same order: their means are equal to the last bit
+        for k in ["reward", "format", "accuracy", "len", "trunc", "zero_var"]:
+            assert a[k] == b[k], k
+        # sums over micro-batches and processes, in another order: float32 rounding only
+        for k in ["kl", "clip", "ratio", "entropy", "gnorm"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    assert a["kl"] > 0  # the policy moved away from the reference
+    x = load_file(tmp_path / "one" / "step-000003" / "model.safetensors")
+    y = load_file(tmp_path / "two" / "step-000003" / "model.safetensors")
+    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    for k in x:
+        # Adam moves a weight by up to lr a step whatever the gradient's scale (g / (|g| + 1e-8)),
+        # so where a gradient is ~1e-10 its rounding is magnified: a few weights in 100,000
+        # differ by up to 3e-5 here. A different gradient would move weights by about a step,
+        # 1e-3: the tolerance is a tenth of that
+        assert torch.allclose(x[k], y[k], rtol=0, atol=1e-4), k
+    assert any(not torch.equal(x[k], base[k]) for k in x)  # and they did train
+    assert len([l for l in open(tmp_path / "two" / "samples.jsonl")]) == 3 * 4  # one group a step, once
