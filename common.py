@@ -75,6 +75,16 @@ def init_distributed(device_name, backend=None, timeout_hours=2.0):
     return rank, world, device
 
 
+def end_distributed():
+    """Leave the process group, once every process is done (a process that left while
+    another still wrote its checkpoint would abort it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_sum(values, device):
     """Element-wise sums of a list of numbers over every process (the numbers themselves in
     one process)."""

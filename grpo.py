@@ -517,8 +517,7 @@ def train(args):
                 common.prune_checkpoints(args.out, args.save_total_limit)
                 note(f"saved {path}")
     finish()
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    common.end_distributed()
     return history
 
 

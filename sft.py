@@ -22,11 +22,14 @@ Deliberate simplifications:
 - in a conversation only the last assistant turn is trained on;
 - a completion longer than --max-len is cut there (it then has no end token) and counted;
   plain text is split into --max-len pieces instead;
-- forward KL only, on the student's vocabulary; one process (torchrun is refused for now).
+- forward KL only, on the student's vocabulary;
+- several processes are plain data parallelism: each takes every N-th example of a batch
+  and holds the whole model; gradients are summed once per step; process 0 evaluates.
 
     python sft.py --model Qwen2.5-0.5B --data cold_start.jsonl --out out/sft
     python sft.py --model Qwen2.5-1.5B --teacher Qwen2.5-7B --kd-weight 0.5 --data kept.jsonl
     python sft.py --init scratch --layers 4 --hidden 128 --data text.jsonl --device cpu --out out/base
+    torchrun --nproc_per_node 8 sft.py --model Qwen2.5-1.5B --data kept.jsonl --batch-size 64 --out out/student
 
 A run that dies goes on from its newest checkpoint with the same command plus --resume.
 A checkpoint holds, beside the model, the optimizer, the step (the data order and the
@@ -156,8 +159,6 @@ def get_args(argv=None):
         p.error("--eval-temperature must be >= 0 and --eval-top-p in (0, 1]")
     if args.eval_prompts and not args.eval_data:
         p.error("--eval-prompts needs --eval-data")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        p.error("several processes (torchrun) are not supported yet: run one process")
     return args
 
 
@@ -360,7 +361,11 @@ def same_vocabulary(a, b):
 
 def train(args):
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    # under torchrun each process takes its share of every batch; the gradients are summed
+    # across processes, so every process takes the same step; only process 0 writes
+    rank, world, device = common.init_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    note = tqdm.write if rank == 0 else say
     dtype = common.pick_dtype(args.dtype, device)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.UserError(f"--out {args.out}: exists and is not a folder")
@@ -398,7 +403,7 @@ def train(args):
                 "vocabulary. Distil at the sequence level instead: sample the teacher with reject_sample.py "
                 "and fine-tune on the kept text without --teacher.")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{'new' if args.init == 'scratch' else 'loaded'} model: {n_params / 1e6:.2f}M parameters, "
+    say(f"{'new' if args.init == 'scratch' else 'loaded'} model: {n_params / 1e6:.2f}M parameters, "
           f"vocabulary {vocab}, on {device} in {str(dtype).removeprefix('torch.')}")
 
     # data: the split (by record, so no document lands on both sides), the lengths, the steps
@@ -410,7 +415,7 @@ def train(args):
         if n_val >= len(records):
             raise common.UserError(f"--val-fraction {args.val_fraction} leaves no training example")
         if args.val_fraction and not n_val:
-            print(f"note: --val-fraction {args.val_fraction} of {len(records)} examples holds out none: no validation loss")
+            say(f"note: --val-fraction {args.val_fraction} of {len(records)} examples holds out none: no validation loss")
         order = np.random.default_rng(args.seed).permutation(len(records)).tolist()
         val_records = [records[i] for i in order[:n_val]]
         records = [records[i] for i in sorted(order[n_val:])]
@@ -427,16 +432,16 @@ def train(args):
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     num_steps = args.num_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.03 * num_steps)
-    print(f"{args.data}: {counts['examples']} examples for training ({len(train_set)} sequences, {sum(lengths)} "
+    say(f"{args.data}: {counts['examples']} examples for training ({len(train_set)} sequences, {sum(lengths)} "
           f"tokens, the longest {max(lengths)}), {len(val_records)} for validation"
           + (f" (from {args.val_data})" if args.val_data else ""))
     for name, c in [("training", counts), ("validation", val_counts)]:
         if c and (c["cut"] or c["dropped"] or c["split"]):
-            print(f"--max-len {args.max_len}, {name}: {c['cut']} completions cut (no end token learnt from them), "
+            say(f"--max-len {args.max_len}, {name}: {c['cut']} completions cut (no end token learnt from them), "
                   f"{c['dropped']} examples dropped (the prompt alone fills it), {c['split']} texts split")
             if c["cut"] + c["dropped"] > 0.1 * c["examples"]:
-                print(f"warning: over 10% of the {name} examples are longer than --max-len {args.max_len}; raise it")
-    print(f"{num_steps} steps of {args.batch_size} examples ({num_steps / steps_per_epoch:.2f} epochs), "
+                say(f"warning: over 10% of the {name} examples are longer than --max-len {args.max_len}; raise it")
+    say(f"{num_steps} steps of {args.batch_size} examples ({num_steps / steps_per_epoch:.2f} epochs), "
           f"{math.ceil(args.batch_size / args.micro_batch_size)} micro-batches of {args.micro_batch_size}, "
           f"warm-up {warmup} steps, cosine to {args.min_lr_ratio:g} x {args.lr:g}")
 
@@ -450,8 +455,12 @@ def train(args):
     if state:
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-        common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
-        print(f"resuming from {resumed} after step {start}")
+        if rank == 0:
+            common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
+        if len(state["rng"]) != world:
+            raise common.UserError(f"--resume {resumed}: written by {len(state['rng'])} processes, resumed by {world}; "
+                                   "each process continues its own random stream, so use as many")
+        say(f"resuming from {resumed} after step {start}")
 
     def amp():
         return common.autocast(device, dtype)
@@ -463,9 +472,12 @@ def train(args):
 
     # logging
     flags = vars(args)
-    log, finish = common.open_run(args.out, flags, args.wandb_project, header={"data": counts, "val_data": val_counts})
+    log, finish = (common.open_run(args.out, flags, args.wandb_project, header={"data": counts, "val_data": val_counts})
+                   if rank == 0 else (lambda *a: None, lambda: None))
 
-    def run_eval(step):
+    def run_eval(step):  # on process 0 alone
+        if rank:
+            return
         model.eval()
         record = {"step": step}
         if val_set:  # mean cross-entropy per trained token of the held-out examples
@@ -494,23 +506,25 @@ def train(args):
     if not start:
         run_eval(0)
     if state:  # last: nothing above may draw from the random streams the next step continues
-        common.set_rng_state(state["rng"], [generator])
+        common.set_rng_state(state["rng"][rank], [generator])
     history, bad_steps = [], 0
     batches, epoch = [], -1  # the data order is a function of the step: nothing to restore
-    for step in tqdm(range(start + 1, num_steps + 1), desc="sft", dynamic_ncols=True, initial=start, total=num_steps):
+    for step in tqdm(range(start + 1, num_steps + 1), desc="sft", dynamic_ncols=True, initial=start, total=num_steps,
+                     disable=rank > 0):
         t0 = time.time()
         if (step - 1) // steps_per_epoch != epoch:  # a new epoch: a new seeded order
             epoch = (step - 1) // steps_per_epoch
             batches = epoch_batches(lengths, args.batch_size, epoch, args.seed, args.group_by_length)
-        batch = batches[(step - 1) % steps_per_epoch]
+        batch = batches[(step - 1) % steps_per_epoch][rank::world]  # this process's share
         lr = lr_at(step, num_steps, args.lr, warmup, args.min_lr_ratio)
         for pg in opt.param_groups:
             pg["lr"] = lr
 
         # forward/backward over micro-batches; each adds its share of the batch's mean per token,
         # so the accumulated gradient is that of the whole batch whatever the micro-batch size
+        # (and, summed over processes, whatever their number)
         micro = [collate([train_set[i] for i in ix], tok.pad_token_id, device) for ix in micro_batches(batch)]
-        n_total = sum(int(mask.sum()) for _, _, mask in micro)  # trained tokens in the batch
+        n_total = int(common.all_sum([sum(int(mask.sum()) for _, _, mask in micro)], device)[0])  # trained tokens
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         n_real = n_padded = 0
         opt.zero_grad(set_to_none=True)
@@ -524,11 +538,14 @@ def train(args):
             sums["ce"] += ce.item()
             sums["kd"] += kd.item() if kd is not None else 0.0
             n_real, n_padded = n_real + int(attn.sum()), n_padded + attn.numel()
+        common.sum_gradients(model)  # every process now holds the whole batch's gradient
+        *totals, n_real, n_padded = common.all_sum([*sums.values(), n_real, n_padded], device)
+        sums = dict(zip(sums, totals))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
         if math.isfinite(gnorm):
             opt.step()
         else:  # a non-finite loss makes a non-finite gradient too
-            tqdm.write(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
+            note(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
         bad_steps = 0 if math.isfinite(gnorm) else bad_steps + 1
         seconds = time.time() - t0
 
@@ -543,7 +560,7 @@ def train(args):
         line += f" | kd {record['kd']:.4f}" if teacher is not None else ""
         line += (f" | tokens {n_total} | pad {record['pad']:.2f} | gnorm {gnorm:.3f} | lr {lr:.1e}"
                  f" | {record['tok/s']:.0f} tok/s | {seconds:.2f}s")
-        tqdm.write(line)
+        note(line)
         log(step, record)
         history.append(record)
         if args.max_bad_steps and bad_steps >= args.max_bad_steps:
@@ -556,11 +573,15 @@ def train(args):
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
-            ckpt_state = {"step": step, "optimizer": opt.state_dict(), "rng": common.rng_state([generator])}
-            path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags, ckpt_state)
-            common.prune_checkpoints(args.out, args.save_total_limit)
-            tqdm.write(f"saved {path}")
+            rngs = common.all_gather([common.rng_state([generator])])  # each process's own
+            if rank == 0:
+                ckpt_state = {"step": step, "optimizer": opt.state_dict(), "rng": rngs}
+                path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags,
+                                              ckpt_state)
+                common.prune_checkpoints(args.out, args.save_total_limit)
+                note(f"saved {path}")
     finish()
+    common.end_distributed()
     return history
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import common
 import grpo
+import sft
 
 
 def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p, eos, rewards,
@@ -44,14 +45,52 @@ def capture_gradients(path):
     return clip
 
 
-def process(rank, world, port, argv, grads_path):
+def process(rank, world, port, script, argv, grads_path):
     """One of torchrun's processes."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     common.rollout = fixed_rollout
     torch.nn.utils.clip_grad_norm_ = capture_gradients(f"{grads_path}.{rank}")
-    grpo.main(argv)
+    {"grpo": grpo, "sft": sft}[script].main(argv)
+
+
+def one_and_two(script, argv, tmp_path, monkeypatch):
+    """Run `script` in this process and on 2 processes; check the gradients; -> the 1-process
+    history and the 2-process run's metrics.jsonl records (written by process 0 alone)."""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture_gradients(tmp_path / "grads.one"))
+    one = {"grpo": grpo, "sft": sft}[script].main(argv(tmp_path / "one"))
+    mp.spawn(process, args=(2, free_port(), script, argv(tmp_path / "two"), str(tmp_path / "grads.two")), nprocs=2)
+    same_gradients(tmp_path, len(one))
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["step"] for r in two[1:]] == [r["step"] for r in one]  # one header, each step once
+    return one, two
+
+
+def same_gradients(tmp_path, steps):
+    """The gradient of every step, after the sum over processes, is the same in both processes;
+    at step 1 (the same weights) it is the 1-process one up to float32 rounding, which is sums
+    of the same terms in another order: about 5e-8 against entries up to 0.15 here, so 1e-5 of
+    the largest entry is a wide margin that a missing or doubled share of the batch (10% or
+    more) does not fit in. Later steps start from weights that Adam's rounding already moved
+    apart (see the weights below), so they get 1e-3."""
+    g1, g2a, g2b = (torch.load(tmp_path / name) for name in ["grads.one", "grads.two.0", "grads.two.1"])
+    assert len(g1) == len(g2a) == steps
+    for step, (a, b, c) in enumerate(zip(g1, g2a, g2b), 1):
+        assert torch.equal(b, c)
+        assert (a - b).abs().max() <= (1e-5 if step == 1 else 1e-3) * a.abs().max() and a.abs().max() > 1e-3
+
+
+def same_weights(one, two, tiny_dir):
+    """Adam moves a weight by up to lr a step whatever the gradient's scale (g / (|g| + 1e-8)),
+    so where a gradient is ~1e-10 its rounding is magnified: a few weights in 100,000 differ by
+    up to 3e-5 in these runs. A different gradient would move weights by about a step, 1e-3:
+    the tolerance is a tenth of that."""
+    x, y = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    for k in x:
+        assert torch.allclose(x[k], y[k], rtol=0, atol=1e-4), k
+    assert any(not torch.equal(x[k], base[k]) for k in x)  # and they did train
 
 
 def free_port():
@@ -71,7 +110,7 @@ def data(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("agg", ["seq-mean", "token-mean"])
-def test_two_processes_take_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch, agg):
+def test_grpo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch, agg):
     def argv(out):
         return ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
                 "--prompts-per-step", "4", "--group", "4", "--micro-batch-size", "8", "--rewards", "format",
@@ -79,24 +118,8 @@ def test_two_processes_take_the_steps_of_one(tiny_dir, data, tmp_path, monkeypat
                 "--max-new-tokens", "8"]
 
     monkeypatch.setattr(common, "rollout", fixed_rollout)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture_gradients(tmp_path / "grads.one"))
-    one = grpo.main(argv(tmp_path / "one"))
-    mp.spawn(process, args=(2, free_port(), argv(tmp_path / "two"), str(tmp_path / "grads.two")), nprocs=2, join=True)
-
-    # the gradient of every step, after the sum over processes: the same in both processes;
-    # at step 1 (the same weights) the 1-process one up to float32 rounding, which is sums
-    # of the same terms in another order: about 5e-8 against entries up to 0.15 here, so
-    # 1e-5 of the largest entry is a wide margin that a missing or doubled share of the batch
-    # (10% or more) does not fit in. Later steps start from weights that Adam's rounding
-    # already moved apart (below), so they get 1e-3
-    g1, g2a, g2b = (torch.load(tmp_path / name) for name in ["grads.one", "grads.two.0", "grads.two.1"])
-    assert len(g1) == len(g2a) == 3
-    for step, (a, b, c) in enumerate(zip(g1, g2a, g2b), 1):
-        assert torch.equal(b, c)
-        assert (a - b).abs().max() <= (1e-5 if step == 1 else 1e-3) * a.abs().max() and a.abs().max() > 1e-3
-
-    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
-    assert "args" in two[0] and [r["step"] for r in two[1:]] == [1, 2, 3]  # process 0 alone wrote
+    one, two = one_and_two("grpo", argv, tmp_path, monkeypatch)
+    assert len(one) == 3
     for a, b in zip(one, two[1:]):
         # the same samples in the same order: their means are equal to the last bit
         for k in ["reward", "format", "accuracy", "len", "trunc", "zero_var"]:
@@ -105,14 +128,26 @@ def test_two_processes_take_the_steps_of_one(tiny_dir, data, tmp_path, monkeypat
         for k in ["kl", "clip", "ratio", "entropy", "gnorm"]:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
     assert a["kl"] > 0  # the policy moved away from the reference
-    x = load_file(tmp_path / "one" / "step-000003" / "model.safetensors")
-    y = load_file(tmp_path / "two" / "step-000003" / "model.safetensors")
-    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
-    for k in x:
-        # Adam moves a weight by up to lr a step whatever the gradient's scale (g / (|g| + 1e-8)),
-        # so where a gradient is ~1e-10 its rounding is magnified: a few weights in 100,000
-        # differ by up to 3e-5 here. A different gradient would move weights by about a step,
-        # 1e-3: the tolerance is a tenth of that
-        assert torch.allclose(x[k], y[k], rtol=0, atol=1e-4), k
-    assert any(not torch.equal(x[k], base[k]) for k in x)  # and they did train
+    same_weights(tmp_path / "one" / "step-000003", tmp_path / "two" / "step-000003", tiny_dir)
     assert len([l for l in open(tmp_path / "two" / "samples.jsonl")]) == 3 * 4  # one group a step, once
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch):
+    with open(tmp_path / "sft.jsonl", "w") as f:  # completions of different lengths: uneven shares
+        for i in range(10):
+            f.write(json.dumps({"prompt": f"What is {i} + {2 * i}?", "completion": f"{i} + {2 * i} = {3 * i}" + "!" * i})
+                    + "\n")
+
+    def argv(out):  # batches of 5: processes take 3 and 2 examples, in micro-batches of 2
+        return ["--model", tiny_dir, "--data", str(tmp_path / "sft.jsonl"), "--out", str(out), "--device", "cpu",
+                "--template", "raw", "--batch-size", "5", "--micro-batch-size", "2", "--num-steps", "3",
+                "--lr", "1e-3", "--val-fraction", "0"]
+
+    one, two = one_and_two("sft", argv, tmp_path, monkeypatch)
+    assert len(one) == 3
+    for a, b in zip(one, two[1:]):
+        assert a["tokens"] == b["tokens"] and a["epoch"] == b["epoch"]
+        for k in ["loss", "ce", "gnorm"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-5), k
+    same_weights(tmp_path / "one" / "step-000003", tmp_path / "two" / "step-000003", tiny_dir)
