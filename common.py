@@ -62,7 +62,10 @@ def init_distributed(device_name, backend=None, timeout_hours=2.0):
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(device_name)
-    if world > 1 and device.type == "cuda" and device_name in ("auto", "cuda"):
+    if world > 1 and device.type == "cuda" and device_name not in ("auto", "cuda"):
+        raise UserError(f"--device {device_name}: under torchrun each process takes GPU LOCAL_RANK; "
+                        "use --device cuda (or auto)")
+    if world > 1 and device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"torchrun started process {local_rank} on a machine with "
@@ -668,13 +671,18 @@ def prune_checkpoints(out, keep):
 # exact resume: a checkpoint also holds everything the next step depends on
 
 STATE_FILE = "trainer_state.pt"
+# flags whose change on resume makes the run differ from an uninterrupted one (beyond the
+# number of steps, the logging and the saving)
+RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "warmup_steps", "grad_clip",
+                  "prompts_per_step", "group", "temperature", "top_p", "rewards", "beta", "kl", "scale", "agg",
+                  "num_iterations", "batch_size", "epochs", "min_lr_ratio", "kd_weight", "teacher"]
 
 
 def rng_state(generators=()):
-    """Every random state a run draws from: Python's, numpy's, torch's (CPU and CUDA) and
-    the run's own torch.Generators (sampling, evaluation)."""
+    """Every random state a process draws from: Python's, numpy's, torch's (CPU and its own
+    GPU) and the run's own torch.Generators (sampling, evaluation)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "generators": [g.get_state() for g in generators]}
 
 
@@ -683,14 +691,16 @@ def set_rng_state(state, generators=()):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
     for g, s in zip(generators, state["generators"]):
         g.set_state(s)
 
 
-def resume_from(out, resume):
+def resume_from(out, resume, flags):
     """The checkpoint --resume names -> (its folder, its training state). `resume` is "latest"
-    (the newest checkpoint of `out` that holds a training state) or a checkpoint folder."""
+    (the newest checkpoint of `out` that holds a training state) or a checkpoint folder.
+    Refuses to resume into an `out` that holds later checkpoints (two histories would mix),
+    and warns about changed flags that the resumed run will follow."""
     if resume == "latest":
         found = sorted(d for d in os.listdir(out) if d.startswith("step-")
                        and os.path.exists(os.path.join(out, d, STATE_FILE))) if os.path.isdir(out) else []
@@ -701,8 +711,20 @@ def resume_from(out, resume):
         path = resume
         if not os.path.exists(os.path.join(path, STATE_FILE)):
             raise UserError(f"--resume {path}: no {STATE_FILE} there (not a checkpoint of this project's runs)")
-    # the state holds Python objects (RNG states), so it is unpickled: load only your own checkpoints
-    return path, torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+    # the state holds Python objects (RNG states), so it is unpickled: load only your own
+    # checkpoints. Tensors come to the CPU; each is copied to its parameter's device from there
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    later = sorted(d for d in os.listdir(out) if d.startswith("step-") and d[5:].isdigit()
+                   and int(d[5:]) > state["step"]) if os.path.isdir(out) else []
+    if later:
+        raise UserError(f"--resume {path}: {out} holds later checkpoints ({', '.join(later)}) of the run that "
+                        "went on from there; resume into a new --out, or delete them")
+    changed = [f"--{k.replace('_', '-')} {state['flags'][k]} -> {v}" for k, v in flags.items()
+               if k in RESUME_CHECKED and state["flags"].get(k) != v]
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: resuming with changed flags ({'; '.join(changed)}): the run goes on, but not as "
+              "the uninterrupted one would have")
+    return path, state
 
 
 def truncate_jsonl(path, step):
@@ -711,7 +733,13 @@ def truncate_jsonl(path, step):
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if json.loads(line).get("step", 0) <= step]
+        lines = f.readlines()
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            lines.pop()
+    lines = [line for line in lines if json.loads(line).get("step", 0) <= step]
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)

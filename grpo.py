@@ -282,7 +282,7 @@ def train(args):
         f"update(s) per step, {args.num_steps} steps on {device} in {str(dtype).removeprefix('torch.')}")
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
-    resumed, state = common.resume_from(args.out, args.resume) if args.resume else (None, None)
+    resumed, state = common.resume_from(args.out, args.resume, vars(args)) if args.resume else (None, None)
     model, tok = common.load_model(args.model, device, torch.float32)  # master weights; dtype is for compute
 
     def amp():
@@ -314,13 +314,15 @@ def train(args):
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0
     if state:
-        opt.load_state_dict(state["optimizer"])
-        data_state, start = state["data"], state["step"]
-        for name in ["metrics.jsonl", "samples.jsonl"] if rank == 0 else []:  # logged after the checkpoint: redone
-            common.truncate_jsonl(os.path.join(args.out, name), start)
         if len(state["rng"]) != world:
             raise common.UserError(f"--resume {resumed}: written by {len(state['rng'])} processes, resumed by {world}; "
                                    "each process continues its own random streams, so use as many")
+        opt.load_state_dict(state["optimizer"])
+        for pg in opt.param_groups:  # the flag, not the checkpoint's value (lr is set every step)
+            pg["weight_decay"] = args.weight_decay
+        data_state, start = state["data"], state["step"]
+        for name in ["metrics.jsonl", "samples.jsonl"] if rank == 0 else []:  # logged after the checkpoint: redone
+            common.truncate_jsonl(os.path.join(args.out, name), start)
         say(f"resuming from {resumed} after step {start}")
 
     # logging
@@ -511,6 +513,7 @@ def train(args):
             rngs = common.all_gather([common.rng_state([generator, eval_generator])])
             if rank == 0:
                 ckpt_state = {"step": step, "optimizer": opt.state_dict(), "data": dict(data_state), "rng": rngs,
+                              "flags": flags,
                               "ref": ref.state_dict() if ref is not None and args.ref_reset_every else None}
                 path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags,
                                               ckpt_state)

@@ -371,7 +371,7 @@ def train(args):
         raise common.UserError(f"--out {args.out}: exists and is not a folder")
 
     # model; a resumed run takes it (and all else) from its checkpoint
-    resumed, state = common.resume_from(args.out, args.resume) if args.resume else (None, None)
+    resumed, state = common.resume_from(args.out, args.resume, vars(args)) if args.resume else (None, None)
     if resumed:
         model, tok = common.load_model(resumed, device, torch.float32)
     elif args.init == "scratch":
@@ -453,13 +453,15 @@ def train(args):
     eos = common.eos_ids(model, tok)
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        if rank == 0:
-            common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
         if len(state["rng"]) != world:
             raise common.UserError(f"--resume {resumed}: written by {len(state['rng'])} processes, resumed by {world}; "
                                    "each process continues its own random stream, so use as many")
+        opt.load_state_dict(state["optimizer"])
+        for pg in opt.param_groups:  # the flag, not the checkpoint's value (lr is set every step)
+            pg["weight_decay"] = args.weight_decay
+        start = state["step"]
+        if rank == 0:
+            common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
         say(f"resuming from {resumed} after step {start}")
 
     def amp():
@@ -575,7 +577,7 @@ def train(args):
         if (args.save_every and step % args.save_every == 0) or last:
             rngs = common.all_gather([common.rng_state([generator])])  # each process's own
             if rank == 0:
-                ckpt_state = {"step": step, "optimizer": opt.state_dict(), "rng": rngs}
+                ckpt_state = {"step": step, "optimizer": opt.state_dict(), "rng": rngs, "flags": flags}
                 path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags,
                                               ckpt_state)
                 common.prune_checkpoints(args.out, args.save_total_limit)

@@ -26,7 +26,7 @@ def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, tempe
         for g in range(group):
             c = [(sum(p) * 7 + 13 * g + 5 * j) % 200 + 20 for j in range(3 + (sum(p) + g) % 5)]
             reward = float((sum(p) + 3 * g) % 4 == 0) + 0.1 * g
-            rows.append({"prompt": p, "completion": c, "text": tok.decode(c), "truncated": False,
+            rows.append({"prompt": p, "completion": c, "text": tok.decode(c), "truncated": (sum(p) + g) % 3 == 0,
                          "reward": reward, "parts": {"format": reward}, "example": ex})
     return rows
 
@@ -109,13 +109,15 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("agg", ["seq-mean", "token-mean"])
-def test_grpo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch, agg):
+# --mask-truncated drops a different number of completions in each process: the shares must
+# be weighted by the step's count over all processes, not each process's own
+@pytest.mark.parametrize("agg, extra", [("seq-mean", []), ("token-mean", []), ("seq-mean", ["--mask-truncated"])])
+def test_grpo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch, agg, extra):
     def argv(out):
         return ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
                 "--prompts-per-step", "4", "--group", "4", "--micro-batch-size", "8", "--rewards", "format",
                 "--num-steps", "3", "--lr", "1e-3", "--beta", "0.04", "--agg", agg, "--sample-every", "1",
-                "--max-new-tokens", "8"]
+                "--max-new-tokens", "8", *extra]
 
     monkeypatch.setattr(common, "rollout", fixed_rollout)
     one, two = one_and_two("grpo", argv, tmp_path, monkeypatch)

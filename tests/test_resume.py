@@ -101,6 +101,21 @@ def test_resume_from_a_named_checkpoint_and_not_without_one(tiny_dir, data, tmp_
         assert str(e.value.code).startswith("error: --resume")
 
 
+def test_resume_refuses_to_mix_histories_warns_of_changed_flags_and_drops_a_half_line(tiny_dir, data, tmp_path,
+                                                                                       toy, capsys):
+    grpo_run(tiny_dir, data, tmp_path / "full", "--save-every", "1", evaluate=False)
+    with pytest.raises(SystemExit) as e:  # step-000004..6 of --out went on from step 3 already
+        grpo_run(tiny_dir, data, tmp_path / "full", "--resume", str(tmp_path / "full" / "step-000003"), evaluate=False)
+    assert str(e.value.code).startswith("error: --resume") and "step-000004, step-000005, step-000006" in str(e.value.code)
+    stop_after(tmp_path / "full", tmp_path / "cut", 3)
+    with open(tmp_path / "cut" / "samples.jsonl", "a") as f:
+        f.write('{"step": 7, "prompt": "What is')  # a kill -9 in the middle of a line
+    capsys.readouterr()
+    grpo_run(tiny_dir, data, tmp_path / "cut", "--resume", "--seed", "5", evaluate=False)
+    assert "warning: resuming with changed flags (--seed 0 -> 5)" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "samples.jsonl")][-1] == 6
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_dir, data, tmp_path, toy, monkeypatch):
     real_save = torch.save
 
@@ -116,7 +131,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_dir, data, tmp
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(tmp_path / "run")) == [".tmp-step-000006", "args.json", "metrics.jsonl",
                                                     "samples.jsonl", "step-000003"]
-    path, state = common.resume_from(str(tmp_path / "run"), "latest")
+    path, state = common.resume_from(str(tmp_path / "run"), "latest", {})
     assert path.endswith("step-000003") and state["step"] == 3
     grpo_run(tiny_dir, data, tmp_path / "run", "--resume")  # and the run completes from there
     assert (tmp_path / "run" / "step-000006" / common.STATE_FILE).exists()
@@ -149,7 +164,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_dir, data, tmp_pat
     assert "step-000040" not in left  # it was killed before the end
     for d in left:  # each one loads, state included
         common.load_model(str(tmp_path / "killed" / d))
-        common.resume_from(str(tmp_path / "killed"), str(tmp_path / "killed" / d))
+        common.resume_from(str(tmp_path / "elsewhere"), str(tmp_path / "killed" / d), {})
     subprocess.run(argv + ["--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True, env=env)
     a = load_file(tmp_path / "full" / "step-000040" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "step-000040" / "model.safetensors")
