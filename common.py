@@ -727,6 +727,37 @@ def resume_from(out, resume, flags):
     return path, state
 
 
+def save_training_checkpoint(out, step, model, tok, flags, state, generators, keep, rank):
+    """OUT/step-NNNNNN for --resume: `state` (what the script must restore) plus every
+    process's random streams and the flags, written by process 0, which then keeps the
+    newest `keep` checkpoints. Returns the path (None in the other processes)."""
+    rngs = all_gather([rng_state(generators)])  # each process's own, in rank order
+    if rank:
+        return None
+    path = save_checkpoint(os.path.join(out, f"step-{step:06d}"), model, tok, flags,
+                           {**state, "step": step, "rng": rngs, "flags": flags})
+    prune_checkpoints(out, keep)
+    return path
+
+
+def stop_if_bad(bad_steps, limit):
+    """--max-bad-steps: stop a run whose last `limit` steps were all skipped (0: never)."""
+    if limit and bad_steps >= limit:
+        raise UserError(f"--max-bad-steps {limit}: the last {bad_steps} steps had a non-finite loss or gradient "
+                        "and were skipped; stopping. Lower --lr, or --resume from a checkpoint before the trouble")
+
+
+def restore_optimizer(opt, state, path, world, weight_decay):
+    """The resumed optimizer (after a check that as many processes resume as wrote `state`);
+    weight decay follows the flag, and the learning rate is set by the loop every step."""
+    if len(state["rng"]) != world:
+        raise UserError(f"--resume {path}: written by {len(state['rng'])} processes, resumed by {world}; "
+                        "each process continues its own random streams, so use as many")
+    opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:
+        group["weight_decay"] = weight_decay
+
+
 def truncate_jsonl(path, step):
     """Drop the records of steps after `step` (logged after the checkpoint a run resumes from),
     atomically; records without a step (a run's header) stay."""

@@ -314,12 +314,7 @@ def train(args):
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0
     if state:
-        if len(state["rng"]) != world:
-            raise common.UserError(f"--resume {resumed}: written by {len(state['rng'])} processes, resumed by {world}; "
-                                   "each process continues its own random streams, so use as many")
-        opt.load_state_dict(state["optimizer"])
-        for pg in opt.param_groups:  # the flag, not the checkpoint's value (lr is set every step)
-            pg["weight_decay"] = args.weight_decay
+        common.restore_optimizer(opt, state, resumed, world, args.weight_decay)
         data_state, start = state["data"], state["step"]
         for name in ["metrics.jsonl", "samples.jsonl"] if rank == 0 else []:  # logged after the checkpoint: redone
             common.truncate_jsonl(os.path.join(args.out, name), start)
@@ -482,10 +477,7 @@ def train(args):
         log(step, record)
         history.append(record)
         bad_steps = bad_steps + 1 if skipped else 0
-        if args.max_bad_steps and bad_steps >= args.max_bad_steps:
-            raise common.UserError(f"--max-bad-steps {args.max_bad_steps}: the last {bad_steps} steps had a non-finite "
-                                   "loss or gradient and were skipped; stopping. Lower --lr, or --resume from a "
-                                   "checkpoint before the trouble")
+        common.stop_if_bad(bad_steps, args.max_bad_steps)
         if record["trunc"] > 0.5:
             warn_every("trunc", step, f"{record['trunc']:.0%} of completions hit --max-new-tokens "
                        f"{args.max_new_tokens} without ending; their rewards are usually 0: raise the limit")
@@ -508,16 +500,13 @@ def train(args):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
             # everything the next step depends on, so that a resumed run trains exactly as this one
-            # (the weights, optimizer and data order are the same in every process; the random
-            # streams are each process's own)
-            rngs = common.all_gather([common.rng_state([generator, eval_generator])])
-            if rank == 0:
-                ckpt_state = {"step": step, "optimizer": opt.state_dict(), "data": dict(data_state), "rng": rngs,
-                              "flags": flags,
-                              "ref": ref.state_dict() if ref is not None and args.ref_reset_every else None}
-                path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags,
-                                              ckpt_state)
-                common.prune_checkpoints(args.out, args.save_total_limit)
+            # (the weights, optimizer and data order are the same in every process)
+            path = common.save_training_checkpoint(
+                args.out, step, model, tok, flags,
+                {"optimizer": opt.state_dict(), "data": dict(data_state),
+                 "ref": ref.state_dict() if ref is not None and args.ref_reset_every else None},
+                [generator, eval_generator], args.save_total_limit, rank)
+            if path:
                 note(f"saved {path}")
     finish()
     common.end_distributed()

@@ -31,10 +31,9 @@ Deliberate simplifications:
     python sft.py --init scratch --layers 4 --hidden 128 --data text.jsonl --device cpu --out out/base
     torchrun --nproc_per_node 8 sft.py --model Qwen2.5-1.5B --data kept.jsonl --batch-size 64 --out out/student
 
-A run that dies goes on from its newest checkpoint with the same command plus --resume.
-A checkpoint holds, beside the model, the optimizer, the step (the data order and the
-learning rate follow from it) and every random state, so the resumed run trains exactly
-as an uninterrupted one would have (bitwise on CPU; tests/test_resume.py).
+A run that dies goes on from its newest checkpoint with the same command plus --resume,
+exactly as if uninterrupted: the checkpoint holds the optimizer, the step (the data order
+and the learning rate follow from it) and every random state (tests/test_resume.py).
 """
 
 import argparse
@@ -361,8 +360,7 @@ def same_vocabulary(a, b):
 
 def train(args):
     common.seed_everything(args.seed)
-    # under torchrun each process takes its share of every batch; the gradients are summed
-    # across processes, so every process takes the same step; only process 0 writes
+    # torchrun: each process takes a share of every batch, gradients are summed, process 0 writes
     rank, world, device = common.init_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     note = tqdm.write if rank == 0 else say
@@ -453,12 +451,7 @@ def train(args):
     eos = common.eos_ids(model, tok)
     start = 0
     if state:
-        if len(state["rng"]) != world:
-            raise common.UserError(f"--resume {resumed}: written by {len(state['rng'])} processes, resumed by {world}; "
-                                   "each process continues its own random stream, so use as many")
-        opt.load_state_dict(state["optimizer"])
-        for pg in opt.param_groups:  # the flag, not the checkpoint's value (lr is set every step)
-            pg["weight_decay"] = args.weight_decay
+        common.restore_optimizer(opt, state, resumed, world, args.weight_decay)
         start = state["step"]
         if rank == 0:
             common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
@@ -523,8 +516,7 @@ def train(args):
             pg["lr"] = lr
 
         # forward/backward over micro-batches; each adds its share of the batch's mean per token,
-        # so the accumulated gradient is that of the whole batch whatever the micro-batch size
-        # (and, summed over processes, whatever their number)
+        # so the gradient (summed over processes too) is the whole batch's however it is split
         micro = [collate([train_set[i] for i in ix], tok.pad_token_id, device) for ix in micro_batches(batch)]
         n_total = int(common.all_sum([sum(int(mask.sum()) for _, _, mask in micro)], device)[0])  # trained tokens
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
@@ -565,22 +557,16 @@ def train(args):
         note(line)
         log(step, record)
         history.append(record)
-        if args.max_bad_steps and bad_steps >= args.max_bad_steps:
-            raise common.UserError(f"--max-bad-steps {args.max_bad_steps}: the last {bad_steps} steps had a non-finite "
-                                   "loss or gradient and were skipped; stopping. Lower --lr, or --resume from a "
-                                   "checkpoint before the trouble")
+        common.stop_if_bad(bad_steps, args.max_bad_steps)
 
         # evaluate and save on their cadence, and at the end
         last = step == num_steps
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
-            rngs = common.all_gather([common.rng_state([generator])])  # each process's own
-            if rank == 0:
-                ckpt_state = {"step": step, "optimizer": opt.state_dict(), "rng": rngs, "flags": flags}
-                path = common.save_checkpoint(os.path.join(args.out, f"step-{step:06d}"), model, tok, flags,
-                                              ckpt_state)
-                common.prune_checkpoints(args.out, args.save_total_limit)
+            path = common.save_training_checkpoint(args.out, step, model, tok, flags, {"optimizer": opt.state_dict()},
+                                                   [generator], args.save_total_limit, rank)
+            if path:
                 note(f"saved {path}")
     finish()
     common.end_distributed()
