@@ -3,7 +3,8 @@
 Loading models and tokenizers (local folder, hub id or short name), building a tiny
 Qwen2-shaped model with a locally trained tokenizer, prompt formatting and encoding,
 batched sampling with a KV cache, scoring samples and evaluating pass@1, per-token
-log-probs, jsonl reading, device/dtype choice, a run's logs and atomic checkpoints. The
+log-probs, jsonl reading, device/dtype choice, a run's logs, atomic checkpoints and what
+exact resume needs, and the few collectives of several processes (torchrun). The
 algorithms themselves (advantages, losses, loops) live in the scripts.
 """
 
