@@ -283,7 +283,7 @@ def train(args):
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
     resumed, state = common.resume_from(args.out, args.resume, vars(args)) if args.resume else (None, None)
-    model, tok = common.load_model(args.model, device, torch.float32)  # master weights; dtype is for compute
+    model, tok = common.load_model(resumed or args.model, device, torch.float32)  # master weights; dtype: compute
 
     def amp():
         return common.autocast(device, dtype)
@@ -302,10 +302,9 @@ def train(args):
     if args.beta > 0:  # a frozen copy of the initial policy; none when beta is 0
         # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-        if state and state["ref"] is not None:  # moved by --ref-reset-every
-            ref.load_state_dict(state["ref"])
-    if resumed:
-        model, _ = common.load_model(resumed, device, torch.float32, tokenizer=False)
+        if resumed:  # the policy has moved on: the reference is --model, or where --ref-reset-every moved it
+            ref.load_state_dict(state["ref"] if state["ref"] is not None else
+                                common.load_model(args.model, device, torch.float32, tokenizer=False)[0].state_dict())
     if args.grad_checkpointing:
         common.enable_grad_checkpointing(model)
     model.train()

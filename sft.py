@@ -401,8 +401,8 @@ def train(args):
                 "vocabulary. Distil at the sequence level instead: sample the teacher with reject_sample.py "
                 "and fine-tune on the kept text without --teacher.")
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"{'new' if args.init == 'scratch' else 'loaded'} model: {n_params / 1e6:.2f}M parameters, "
-          f"vocabulary {vocab}, on {device} in {str(dtype).removeprefix('torch.')}")
+    say(f"{'new' if args.init == 'scratch' and not resumed else 'loaded'} model: {n_params / 1e6:.2f}M parameters, "
+        f"vocabulary {vocab}, on {device} in {str(dtype).removeprefix('torch.')}")
 
     # data: the split (by record, so no document lands on both sides), the lengths, the steps
     end_id = end_token(model, tok, args.template)
@@ -431,17 +431,17 @@ def train(args):
     num_steps = args.num_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.03 * num_steps)
     say(f"{args.data}: {counts['examples']} examples for training ({len(train_set)} sequences, {sum(lengths)} "
-          f"tokens, the longest {max(lengths)}), {len(val_records)} for validation"
-          + (f" (from {args.val_data})" if args.val_data else ""))
+        f"tokens, the longest {max(lengths)}), {len(val_records)} for validation"
+        + (f" (from {args.val_data})" if args.val_data else ""))
     for name, c in [("training", counts), ("validation", val_counts)]:
         if c and (c["cut"] or c["dropped"] or c["split"]):
             say(f"--max-len {args.max_len}, {name}: {c['cut']} completions cut (no end token learnt from them), "
-                  f"{c['dropped']} examples dropped (the prompt alone fills it), {c['split']} texts split")
+                f"{c['dropped']} examples dropped (the prompt alone fills it), {c['split']} texts split")
             if c["cut"] + c["dropped"] > 0.1 * c["examples"]:
                 say(f"warning: over 10% of the {name} examples are longer than --max-len {args.max_len}; raise it")
     say(f"{num_steps} steps of {args.batch_size} examples ({num_steps / steps_per_epoch:.2f} epochs), "
-          f"{math.ceil(args.batch_size / args.micro_batch_size)} micro-batches of {args.micro_batch_size}, "
-          f"warm-up {warmup} steps, cosine to {args.min_lr_ratio:g} x {args.lr:g}")
+        f"{math.ceil(args.batch_size / args.micro_batch_size)} micro-batches of {args.micro_batch_size}, "
+        f"warm-up {warmup} steps, cosine to {args.min_lr_ratio:g} x {args.lr:g}")
 
     if args.grad_checkpointing:
         common.enable_grad_checkpointing(model)

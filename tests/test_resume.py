@@ -69,9 +69,11 @@ def stop_after(full, out, step):
             shutil.rmtree(out / d)
 
 
-@pytest.mark.parametrize("script", ["grpo", "sft"])
-def test_resumed_run_equals_the_uninterrupted_one(tiny_dir, data, tmp_path, toy, script):
-    run = grpo_run if script == "grpo" else sft_run
+# grpo twice: with the reference moved by --ref-reset-every (restored from the checkpoint),
+# and without (the reference is --model again)
+@pytest.mark.parametrize("script, extra", [("grpo", []), ("grpo", ["--ref-reset-every", "0"]), ("sft", [])])
+def test_resumed_run_equals_the_uninterrupted_one(tiny_dir, data, tmp_path, toy, script, extra):
+    run = (lambda *a, **k: grpo_run(*a, *extra, **k)) if script == "grpo" else sft_run
     last, half = "step-000006", 3
     run(tiny_dir, data, tmp_path / "full")
     stop_after(tmp_path / "full", tmp_path / "resumed", half)
