@@ -113,10 +113,11 @@ def all_gather(items):
 
 
 def sum_gradients(model):
-    """Sum each parameter's gradient over the processes; a process without samples adds zeros."""
+    """Sum each parameter's gradient over the processes; a process without samples adds zeros.
+    (An FSDP model's backward pass has already summed them, each process keeping its shard.)"""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    if not dist.is_initialized() or is_sharded(model):
         return
     for p in model.parameters():
         if p.requires_grad:
@@ -398,6 +399,7 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
       truncated (P*G,) True when the limit was hit without an end token
     """
     device = next(model.parameters()).device
+    sync = is_sharded(model)  # under FSDP the processes stop together, when all are done
     was_training = model.training
     model.eval()
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (P, Lp)
@@ -419,7 +421,10 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
         masks.append(~done)
         tokens.append(tok)
         done = done | torch.isin(tok, eos_t)
-        if done.all() or t == max_new_tokens - 1:  # no forward pass whose logits go unused
+        finished = done.all()
+        if sync:  # FSDP: a forward pass gathers each layer from every process, so all take part
+            finished = all_sum([float(finished)], device)[0] == torch.distributed.get_world_size()
+        if finished or t == max_new_tokens - 1:  # no forward pass whose logits go unused
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
@@ -602,6 +607,91 @@ def enable_grad_checkpointing(model):
     enable()
 
 
+# ----------------------------------------------------------------------------------------
+# models whose training state does not fit: LoRA (peft, optional) and FSDP2
+
+
+def add_lora(model, rank, alpha, adapter=None):
+    """Freeze `model` and add LoRA adapters of rank `rank` (scale alpha / rank) to every
+    linear layer but the LM head -> the peft model, whose adapters alone train. `adapter`:
+    a saved adapter folder to go on from (--resume). The adapters start at zero, so the
+    base with the adapters disabled is the initial policy: the reference, at no memory."""
+    try:
+        import peft  # optional dependency, imported only for --lora-rank
+    except ImportError:
+        raise UserError("--lora-rank: peft is not installed (pip install peft)") from None
+    if adapter:
+        if not os.path.isdir(adapter):
+            raise UserError(f"--resume: no {adapter} (the checkpoint was written without --lora-rank)")
+        return peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
+    return peft.get_peft_model(model, config)
+
+
+def is_lora(model):
+    return hasattr(model, "peft_config")
+
+
+def merged_state_dict(model):
+    """A LoRA model's weights with the adapters merged in (W + alpha/r * B A), under the base
+    model's own names. The model is left as it is: merging in place and back would round
+    the base weights, and the next step would not be the uninterrupted run's."""
+    base = model.get_base_model()
+    weights = {name.replace(".base_layer.", "."): t for name, t in base.state_dict().items() if ".lora_" not in name}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            weights[f"{name}.weight"] = module.base_layer.weight + module.get_delta_weight("default")
+    return weights
+
+
+def shard(model, device, keep_gathered=True):
+    """FSDP2: split the parameters (and their gradients and AdamW state) of every decoder
+    layer, and of the rest, evenly over the processes. A layer's whole weights are gathered
+    for its forward and backward and freed after. Gradients are summed, not averaged: the
+    losses are already weighted by the whole step's counts. keep_gathered: the weights
+    outside the layers (embeddings, head) stay whole from a forward to the next backward,
+    so sampling does not gather them again for every token. Returns the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
+    for m in layers + [model]:  # the model last: it holds what no layer does (embeddings, head)
+        fully_shard(m, mesh=mesh, reshard_after_forward=m is not model or not keep_gathered)
+        if not hasattr(m, "set_force_sum_reduction_for_comms"):
+            raise UserError(f"--fsdp: torch {torch.__version__} lacks FSDP2's plain-sum gradient reduction; "
+                            "upgrade torch")
+        m.set_gradient_divide_factor(1.0)  # a sum (gloo has no average, nor NCCL's pre-scaled sum)
+        m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model):
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model):
+    """The whole state dict of a sharded model on process 0, on the CPU (every process must
+    call it; the others get {}); a plain model's own state dict."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def clip_gradients(model, max_norm):
+    """Clip the trainable parameters' gradients to a total norm of `max_norm` (0: no clipping)
+    -> the norm before clipping, a float (under FSDP, over every process's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                          max_norm or float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def open_run(out, flags, wandb_project=None, header=None):
     """Create the output folder, write the flags (args.json and the first metrics.jsonl record,
     with `header`), start wandb when asked -> (log, finish): log(step, record) appends a
@@ -635,9 +725,13 @@ def open_run(out, flags, wandb_project=None, header=None):
 # checkpoints: Hugging Face format, written under a temporary name and renamed
 
 
-def save_checkpoint(path, model, tok, args=None, state=None):
+def save_checkpoint(path, model, tok, args=None, state=None, weights=None):
     """Save model + tokenizer (+ the run's flags as args.json, + the training state of
-    `state` as trainer_state.pt, for --resume) to `path` atomically.
+    `state` as trainer_state.pt, for --resume) to `path` atomically. `weights`: the model's
+    whole state dict when the model itself holds only a shard of it (FSDP).
+
+    A LoRA model is saved merged (a plain checkpoint that every script loads), with its
+    adapters beside it in `adapter/` (what --resume goes on from).
 
     A crash while writing leaves only a `.tmp-` folder behind; `path` is either the
     previous complete checkpoint or the new complete one, never a half-written one.
@@ -646,7 +740,11 @@ def save_checkpoint(path, model, tok, args=None, state=None):
     tmp = path.with_name(f".tmp-{path.name}")
     old = path.with_name(f".old-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if is_lora(model):
+        model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
+        model.save_pretrained(tmp / "adapter")
+    else:
+        model.save_pretrained(tmp, state_dict=weights)
     tok.save_pretrained(tmp)
     if args is not None:
         with open(tmp / "args.json", "w") as f:
@@ -713,8 +811,10 @@ def resume_from(out, resume, flags):
         if not os.path.exists(os.path.join(path, STATE_FILE)):
             raise UserError(f"--resume {path}: no {STATE_FILE} there (not a checkpoint of this project's runs)")
     # the state holds Python objects (RNG states), so it is unpickled: load only your own
-    # checkpoints. Tensors come to the CPU; each is copied to its parameter's device from there
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    # checkpoints. Tensors come to the CPU, mapped from the file; each is copied to its
+    # parameter's device from there
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False,
+                       mmap=True)  # processes share the file's pages instead of a copy each
     later = sorted(d for d in os.listdir(out) if d.startswith("step-") and d[5:].isdigit()
                    and int(d[5:]) > state["step"]) if os.path.isdir(out) else []
     if later:
@@ -728,15 +828,22 @@ def resume_from(out, resume, flags):
     return path, state
 
 
-def save_training_checkpoint(out, step, model, tok, flags, state, generators, keep, rank):
-    """OUT/step-NNNNNN for --resume: `state` (what the script must restore) plus every
-    process's random streams and the flags, written by process 0, which then keeps the
-    newest `keep` checkpoints. Returns the path (None in the other processes)."""
+def save_training_checkpoint(out, step, model, opt, tok, flags, state, generators, keep, rank):
+    """OUT/step-NNNNNN for --resume: the model, the optimizer's state, `state` (what else the
+    script must restore), every process's random streams and the flags, written by process
+    0, which then keeps the newest `keep` checkpoints. Every process must call it (an FSDP
+    model's shards are gathered). Returns the path (None in the other processes)."""
     rngs = all_gather([rng_state(generators)])  # each process's own, in rank order
+    weights, optimizer = None, opt.state_dict()
+    if is_sharded(model):  # whole tensors, gathered to process 0's CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        weights = full_state_dict(model)
+        optimizer = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank:
         return None
     path = save_checkpoint(os.path.join(out, f"step-{step:06d}"), model, tok, flags,
-                           {**state, "step": step, "rng": rngs, "flags": flags})
+                           {**state, "optimizer": optimizer, "step": step, "rng": rngs, "flags": flags}, weights)
     prune_checkpoints(out, keep)
     return path
 
@@ -748,13 +855,23 @@ def stop_if_bad(bad_steps, limit):
                         "and were skipped; stopping. Lower --lr, or --resume from a checkpoint before the trouble")
 
 
-def restore_optimizer(opt, state, path, world, weight_decay):
-    """The resumed optimizer (after a check that as many processes resume as wrote `state`);
-    weight decay follows the flag, and the learning rate is set by the loop every step."""
+def restore_optimizer(model, opt, state, path, world, weight_decay):
+    """The resumed optimizer (after a check that as many processes resume as wrote `state`,
+    sharded or not as it was); weight decay follows the flag, and the learning rate is set
+    by the loop every step."""
     if len(state["rng"]) != world:
         raise UserError(f"--resume {path}: written by {len(state['rng'])} processes, resumed by {world}; "
                         "each process continues its own random streams, so use as many")
-    opt.load_state_dict(state["optimizer"])
+    for flag, now in [("fsdp", is_sharded(model)), ("lora_rank", is_lora(model))]:
+        if bool(state["flags"].get(flag)) != now:
+            raise UserError(f"--resume {path}: written {'with' if not now else 'without'} --{flag.replace('_', '-')}; "
+                            "resume the same way (the optimizer's state differs)")
+    if is_sharded(model):  # each process takes its shard of the whole tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
     for group in opt.param_groups:
         group["weight_decay"] = weight_decay
 

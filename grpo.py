@@ -35,6 +35,7 @@ would have (bitwise on CPU; tests/test_resume.py).
 """
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -60,6 +61,11 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (weights and optimizer stay float32); auto = bfloat16 on CUDA, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank on every linear layer instead of all weights; 0 = off (needs peft)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator: adapters are scaled by alpha / rank")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients, AdamW state and the reference over the processes (FSDP2)")
     # data
     p.add_argument("--data", required=True, help="training prompts, jsonl with 'prompt' and 'answer'")
     p.add_argument("--eval-data", default=None, help="held-out jsonl for --eval-every")
@@ -141,6 +147,15 @@ def get_args(argv=None):
         p.error("--beta must be >= 0")
     if args.ref_reset_every and args.beta == 0:
         p.error("--ref-reset-every needs --beta > 0: at --beta 0 no reference model is loaded")
+    if args.lora_rank < 0:
+        p.error("--lora-rank must be 0 (off) or more")
+    if args.lora_rank and args.ref_reset_every:
+        p.error("--ref-reset-every with --lora-rank: the reference is the base with the adapters off, which never moves")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        p.error("--fsdp shards the model over the processes of torchrun: run under torchrun --nproc_per_node N >= 2")
+    if args.fsdp and (args.lora_rank or args.dynamic_sampling):
+        p.error("--fsdp with --lora-rank or --dynamic-sampling is not supported (with --dynamic-sampling the "
+                "processes would run different numbers of forward passes, which FSDP's gathers cannot)")
     if (args.eval_every or args.eval_prompts) and not args.eval_data:
         p.error("--eval-every and --eval-prompts need --eval-data")
     if args.max_sampling_rounds < 1:
@@ -283,7 +298,11 @@ def train(args):
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
     resumed, state = common.resume_from(args.out, args.resume, vars(args)) if args.resume else (None, None)
-    model, tok = common.load_model(resumed or args.model, device, torch.float32)  # master weights; dtype: compute
+    # master weights in float32 (dtype is for compute); under FSDP on the CPU until sharded
+    load_on = torch.device("cpu") if args.fsdp else device
+    model, tok = common.load_model(resumed if resumed and not args.lora_rank else args.model, load_on, torch.float32)
+    if args.lora_rank:  # a frozen base with adapters; a resumed run takes the adapters from its checkpoint
+        model = common.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
 
     def amp():
         return common.autocast(device, dtype)
@@ -298,22 +317,26 @@ def train(args):
         if args.eval_prompts:
             eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
     say(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
-    ref = None
-    if args.beta > 0:  # a frozen copy of the initial policy; none when beta is 0
+    ref = None  # none when beta is 0, or with LoRA: then the base with its adapters off is the reference
+    if args.beta > 0 and not args.lora_rank:  # a frozen copy of the initial policy
         # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         if resumed:  # the policy has moved on: the reference is --model, or where --ref-reset-every moved it
             ref.load_state_dict(state["ref"] if state["ref"] is not None else
-                                common.load_model(args.model, device, torch.float32, tokenizer=False)[0].state_dict())
+                                common.load_model(args.model, load_on, torch.float32, tokenizer=False)[0].state_dict())
     if args.grad_checkpointing:
         common.enable_grad_checkpointing(model)
+    if args.fsdp:  # each process keeps 1/N of the policy, of its gradients and AdamW state, and of the reference
+        model = common.shard(model, device)
+        ref = common.shard(ref, device, keep_gathered=False) if ref is not None else None  # no backward
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # own samples per process
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0
     if state:
-        common.restore_optimizer(opt, state, resumed, world, args.weight_decay)
+        common.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
         data_state, start = state["data"], state["step"]
         for name in ["metrics.jsonl", "samples.jsonl"] if rank == 0 else []:  # logged after the checkpoint: redone
             common.truncate_jsonl(os.path.join(args.out, name), start)
@@ -329,15 +352,15 @@ def train(args):
             last_warned[key] = step
             note(f"warning: {message}")
 
-    def run_eval(step):  # on process 0 only: the others go on to the next step's sampling
-        if rank:
+    def run_eval(step):  # on process 0 only, the others going on; under FSDP every process takes part
+        if rank and not args.fsdp:
             return
         with amp():
             ev = common.evaluate(model, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
                                  args.max_new_tokens, args.eval_temperature, args.eval_top_p,
                                  args.prompts_per_step, reward_defaults(args), tqdm.write)
         log(step, {"step": step, **ev})
-        tqdm.write(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
+        note(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
                    f" | len {ev['eval_len']:.0f}")
 
     if eval_examples and not start:
@@ -420,10 +443,12 @@ def train(args):
             return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
 
         ref_logps = [None] * len(micro)
-        if ref is not None:
-            with torch.inference_mode(), amp():
+        if args.beta > 0:  # with LoRA the reference is the policy's base, adapters off: no second model
+            off = model.disable_adapter() if args.lora_rank else contextlib.nullcontext()
+            with torch.inference_mode(), amp(), off:
                 for j, ix in enumerate(micro):
-                    ref_logps[j] = common.completion_logprobs(ref, *tensors(ix), args.temperature)
+                    ref_logps[j] = common.completion_logprobs(model if ref is None else ref, *tensors(ix),
+                                                              args.temperature)
         old_logps = [None] * len(micro)
         for it in range(args.num_iterations if total_seq else 0):
             opt.zero_grad(set_to_none=True)
@@ -444,7 +469,7 @@ def train(args):
                 sums["entropy"] += (ent * mask).sum().item()
                 n_tok_logged += n_tok
             common.sum_gradients(model)  # every process now holds the whole batch's gradient
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+            gnorm = common.clip_gradients(model, args.grad_clip)
             if not math.isfinite(gnorm):  # a non-finite loss makes a non-finite gradient too
                 note(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
                 opt.zero_grad(set_to_none=True)
@@ -501,9 +526,9 @@ def train(args):
             # everything the next step depends on, so that a resumed run trains exactly as this one
             # (the weights, optimizer and data order are the same in every process)
             path = common.save_training_checkpoint(
-                args.out, step, model, tok, flags,
-                {"optimizer": opt.state_dict(), "data": dict(data_state),
-                 "ref": ref.state_dict() if ref is not None and args.ref_reset_every else None},
+                args.out, step, model, opt, tok, flags,
+                {"data": dict(data_state),
+                 "ref": common.full_state_dict(ref) if ref is not None and args.ref_reset_every else None},
                 [generator, eval_generator], args.save_total_limit, rank)
             if path:
                 note(f"saved {path}")

@@ -451,7 +451,7 @@ def train(args):
     eos = common.eos_ids(model, tok)
     start = 0
     if state:
-        common.restore_optimizer(opt, state, resumed, world, args.weight_decay)
+        common.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
         start = state["step"]
         if rank == 0:
             common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
@@ -535,7 +535,7 @@ def train(args):
         common.sum_gradients(model)  # every process now holds the whole batch's gradient
         *totals, n_real, n_padded = common.all_sum([*sums.values(), n_real, n_padded], device)
         sums = dict(zip(sums, totals))
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+        gnorm = common.clip_gradients(model, args.grad_clip)
         if math.isfinite(gnorm):
             opt.step()
         else:  # a non-finite loss makes a non-finite gradient too
@@ -564,8 +564,8 @@ def train(args):
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
-            path = common.save_training_checkpoint(args.out, step, model, tok, flags, {"optimizer": opt.state_dict()},
-                                                   [generator], args.save_total_limit, rank)
+            path = common.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
+                                                   args.save_total_limit, rank)
             if path:
                 note(f"saved {path}")
     finish()

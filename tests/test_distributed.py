@@ -4,6 +4,7 @@ global batch. The processes are started by torch.multiprocessing with torchrun's
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -27,7 +28,7 @@ def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, tempe
             c = [(sum(p) * 7 + 13 * g + 5 * j) % 200 + 20 for j in range(3 + (sum(p) + g) % 5)]
             reward = float((sum(p) + 3 * g) % 4 == 0) + 0.1 * g
             rows.append({"prompt": p, "completion": c, "text": tok.decode(c), "truncated": (sum(p) + g) % 3 == 0,
-                         "reward": reward, "parts": {"format": reward}, "example": ex})
+                         "reward": reward, "parts": {"format": reward, "accuracy": float(g == 0)}, "example": ex})
     return rows
 
 
@@ -37,8 +38,9 @@ def capture_gradients(path):
     real, grads = torch.nn.utils.clip_grad_norm_, []
 
     def clip(params, *a, **k):
-        params = list(params)
-        grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
+        params = list(params)  # under FSDP each process holds a shard: gathered whole
+        grads.append(torch.cat([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).flatten()
+                                for p in params]).clone())
         torch.save(grads, path)
         return real(params, *a, **k)
 
@@ -67,14 +69,14 @@ def one_and_two(script, argv, tmp_path, monkeypatch):
     return one, two
 
 
-def same_gradients(tmp_path, steps):
+def same_gradients(tmp_path, steps, one="grads.one", two="grads.two"):
     """The gradient of every step, after the sum over processes, is the same in both processes;
     at step 1 (the same weights) it is the 1-process one up to float32 rounding, which is sums
     of the same terms in another order: about 5e-8 against entries up to 0.15 here, so 1e-5 of
     the largest entry is a wide margin that a missing or doubled share of the batch (10% or
     more) does not fit in. Later steps start from weights that Adam's rounding already moved
     apart (see the weights below), so they get 1e-3."""
-    g1, g2a, g2b = (torch.load(tmp_path / name) for name in ["grads.one", "grads.two.0", "grads.two.1"])
+    g1, g2a, g2b = (torch.load(tmp_path / name) for name in [one, f"{two}.0", f"{two}.1"])
     assert len(g1) == len(g2a) == steps
     for step, (a, b, c) in enumerate(zip(g1, g2a, g2b), 1):
         assert torch.equal(b, c)
@@ -153,3 +155,70 @@ def test_sft_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, m
         for k in ["loss", "ce", "gnorm"]:
             assert b[k] == pytest.approx(a[k], rel=1e-5), k
     same_weights(tmp_path / "one" / "step-000003", tmp_path / "two" / "step-000003", tiny_dir)
+
+
+@pytest.mark.slow
+def test_grpo_under_fsdp_takes_the_steps_of_data_parallel_and_resumes_exactly(tiny_dir, data, tmp_path):
+    """FSDP shards the weights, gradients, AdamW state and reference; the steps must be those of
+    the plain data-parallel run, whose processes each hold everything. --ref-reset-every moves
+    the sharded reference; an evaluation runs in every process (FSDP's gathers need them all)."""
+    def argv(out, *extra):
+        return ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
+                "--prompts-per-step", "4", "--group", "4", "--micro-batch-size", "4", "--rewards", "format",
+                "--num-steps", "4", "--lr", "1e-3", "--beta", "0.04", "--ref-reset-every", "2", "--save-every", "2",
+                "--max-new-tokens", "8", "--eval-data", str(data / "train.jsonl"), "--eval-every", "2",
+                "--eval-prompts", "2", *extra]
+
+    def two(out, *extra, grads):
+        mp.spawn(process, args=(2, free_port(), "grpo", argv(tmp_path / out, *extra), str(tmp_path / grads)), nprocs=2)
+        return [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")][1:]
+
+    ddp, fsdp = two("ddp", grads="grads.ddp"), two("fsdp", "--fsdp", grads="grads.fsdp")
+    same_gradients(tmp_path, 4, "grads.ddp.0", "grads.fsdp")  # step 1 within 1e-5, the later ones 1e-3
+    assert [r["step"] for r in ddp] == [r["step"] for r in fsdp] and len(ddp) == 4 + 3  # 4 steps, 3 evals
+    for a, b in zip(ddp, fsdp):
+        for k in a:
+            if k not in {"s", "sample_s", "tok/s"}:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    same_weights(tmp_path / "ddp" / "step-000004", tmp_path / "fsdp" / "step-000004", tiny_dir)
+
+    # resumed after step 2, from the gathered weights, optimizer state and reference
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "step-000004")
+    two("resumed", "--fsdp", "--resume", grads="grads.resumed")
+    a = load_file(tmp_path / "fsdp" / "step-000004" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "step-000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sharded_sampling(rank, world, port, out):
+    """Process `rank` of 2 samples from an FSDP-sharded tiny model; process 0's completions all
+    end at their first token, process 1's never do."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    model, tok = common.load_model(out["model"])
+    common.shard(model, torch.device("cpu"))
+    eos = list(range(len(tok))) if rank == 0 else []
+    got = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, eos, tok.pad_token_id,
+                        generator=torch.Generator().manual_seed(rank))
+    torch.save({k: v for k, v in got.items()}, f"{out['path']}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_sampling_keeps_every_process_in_step(tiny_dir, tmp_path):
+    # a process whose completions are all done must still take part in the others' forward
+    # passes (each gathers every layer's shards from both); were it to stop, the other would
+    # wait for it until the 60-second timeout
+    mp.spawn(sharded_sampling, args=(2, free_port(), {"model": tiny_dir, "path": str(tmp_path / "s")}), nprocs=2)
+    first, second = torch.load(tmp_path / "s.0"), torch.load(tmp_path / "s.1")
+    assert first["mask"].sum(1).tolist() == [1] * 4 and not first["truncated"].any()
+    assert second["mask"].sum(1).tolist() == [6] * 4 and second["truncated"].all()
+    model, tok = common.load_model(tiny_dir)  # and the sharded model samples what the whole one does
+    whole = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, [], tok.pad_token_id, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(whole["ids"], second["ids"])

@@ -2,6 +2,7 @@
 trains exactly as one that was never stopped (bitwise on CPU: one thread, conftest.py); a
 step with a non-finite loss is skipped, and too many in a row stop the run."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -69,9 +70,13 @@ def stop_after(full, out, step):
             shutil.rmtree(out / d)
 
 
-# grpo twice: with the reference moved by --ref-reset-every (restored from the checkpoint),
-# and without (the reference is --model again)
-@pytest.mark.parametrize("script, extra", [("grpo", []), ("grpo", ["--ref-reset-every", "0"]), ("sft", [])])
+# grpo three times: with the reference moved by --ref-reset-every (restored from the
+# checkpoint), without (the reference is --model again), and with LoRA (the adapters come from
+# the checkpoint, the base from --model)
+@pytest.mark.parametrize("script, extra", [
+    ("grpo", []), ("grpo", ["--ref-reset-every", "0"]), ("sft", []),
+    pytest.param("grpo", ["--ref-reset-every", "0", "--lora-rank", "4"],
+                 marks=pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is optional"))])
 def test_resumed_run_equals_the_uninterrupted_one(tiny_dir, data, tmp_path, toy, script, extra):
     run = (lambda *a, **k: grpo_run(*a, *extra, **k)) if script == "grpo" else sft_run
     last, half = "step-000006", 3
@@ -86,6 +91,9 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_dir, data, tmp_path, toy,
     assert full == resumed and len(full) > 2 * half  # steps and evals, each once, equal to the last digit
     before = load_file(tmp_path / "full" / f"step-{half:06d}" / "model.safetensors")
     assert any(not torch.equal(a[k], before[k]) for k in a)  # the second half trained
+    if "--lora-rank" in extra:
+        a, b = (load_file(tmp_path / run / last / "adapter" / "adapter_model.safetensors") for run in ["full", "resumed"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if script == "grpo":
         samples = [json.loads(line) for line in open(tmp_path / "resumed" / "samples.jsonl")]
         assert [s["step"] for s in samples] == [s["step"] for s in map(json.loads, open(tmp_path / "full" / "samples.jsonl"))]
