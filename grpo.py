@@ -18,7 +18,13 @@ Deliberate simplifications:
 - several processes are plain data parallelism: each samples --prompts-per-step / N of
   the prompts (whole groups) and every process holds the whole model; the gradients are
   summed once per update, not overlapped with the backward pass as DDP does; evaluation
-  runs on process 0 alone.
+  runs on process 0 alone;
+- --fsdp (FSDP2) shards the policy, its gradients and AdamW state and the reference over
+  the processes, but each process first loads the whole model on the CPU, a checkpoint
+  gathers the whole weights and optimizer state on process 0's CPU, every process runs
+  the evaluation (FSDP's gathers need them all), and --dynamic-sampling is not offered;
+- --lora-rank trains adapters on a frozen base (peft); its checkpoints are the merged model,
+  with the adapters in adapter/ for --resume.
 
 Variants are flags: Dr. GRPO (--scale none --agg seq-sum), DAPO (--clip-high 0.28
 --agg token-mean --dynamic-sampling --beta 0), truncation masking (--mask-truncated).
@@ -26,6 +32,8 @@ Variants are flags: Dr. GRPO (--scale none --agg seq-sum), DAPO (--clip-high 0.2
     python grpo.py --model Qwen2.5-0.5B --group 8 --data data/gsm8k/train.jsonl
     python grpo.py --model out/tiny --data train.jsonl --device cpu --max-new-tokens 64
     torchrun --nproc_per_node 8 grpo.py --model Qwen2.5-1.5B --group 8 --prompts-per-step 64 --data ...
+    torchrun --nproc_per_node 8 grpo.py --model Qwen2.5-7B --fsdp --grad-checkpointing --data ...
+    python grpo.py --model Qwen2.5-1.5B --lora-rank 64 --lora-alpha 128 --lr 1e-5 --data ...
 
 A run that dies goes on from its newest checkpoint with the same command plus --resume.
 A checkpoint holds, beside the policy, the optimizer, the step, the position in the data

@@ -24,12 +24,15 @@ Deliberate simplifications:
   plain text is split into --max-len pieces instead;
 - forward KL only, on the student's vocabulary;
 - several processes are plain data parallelism: each takes every N-th example of a batch
-  and holds the whole model; gradients are summed once per step; process 0 evaluates.
+  and holds the whole model; gradients are summed once per step; process 0 evaluates;
+  --fsdp shards the model as grpo.py does, every process then evaluating; --lora-rank
+  trains adapters on a frozen base (peft) and saves the merged model.
 
     python sft.py --model Qwen2.5-0.5B --data cold_start.jsonl --out out/sft
     python sft.py --model Qwen2.5-1.5B --teacher Qwen2.5-7B --kd-weight 0.5 --data kept.jsonl
     python sft.py --init scratch --layers 4 --hidden 128 --data text.jsonl --device cpu --out out/base
     torchrun --nproc_per_node 8 sft.py --model Qwen2.5-1.5B --data kept.jsonl --batch-size 64 --out out/student
+    torchrun --nproc_per_node 8 sft.py --model Qwen2.5-7B --fsdp --grad-checkpointing --data cold_start.jsonl
 
 A run that dies goes on from its newest checkpoint with the same command plus --resume,
 exactly as if uninterrupted: the checkpoint holds the optimizer, the step (the data order
@@ -71,6 +74,11 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (weights and optimizer stay float32); auto = bfloat16 on CUDA, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank on every linear layer instead of all weights; 0 = off (needs peft)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator: adapters are scaled by alpha / rank")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard weights, gradients, AdamW state and the teacher over the processes (FSDP2)")
     # data
     p.add_argument("--data", required=True, help="training jsonl: prompt + completion, messages, or text")
     p.add_argument("--val-data", default=None, help="validation jsonl, same forms; default: hold out --val-fraction of --data")
@@ -158,6 +166,11 @@ def get_args(argv=None):
         p.error("--eval-temperature must be >= 0 and --eval-top-p in (0, 1]")
     if args.eval_prompts and not args.eval_data:
         p.error("--eval-prompts needs --eval-data")
+    if args.lora_rank < 0 or (args.lora_rank and args.init == "scratch"):
+        p.error("--lora-rank must be 0 (off) or more, and adapts a pretrained --model, not --init scratch")
+    if args.fsdp and (int(os.environ.get("WORLD_SIZE", "1")) < 2 or args.lora_rank):
+        p.error("--fsdp shards the model over torchrun's processes: run under torchrun --nproc_per_node N >= 2, "
+                "without --lora-rank")
     return args
 
 
@@ -368,16 +381,19 @@ def train(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise common.UserError(f"--out {args.out}: exists and is not a folder")
 
-    # model; a resumed run takes it (and all else) from its checkpoint
+    # model; a resumed run takes it (and all else) from its checkpoint; with LoRA only the adapters
     resumed, state = common.resume_from(args.out, args.resume, vars(args)) if args.resume else (None, None)
-    if resumed:
-        model, tok = common.load_model(resumed, device, torch.float32)
+    load_on = torch.device("cpu") if args.fsdp else device  # under FSDP: on the CPU until sharded
+    if resumed and not args.lora_rank:
+        model, tok = common.load_model(resumed, load_on, torch.float32)
     elif args.init == "scratch":
         tok = common.build_tiny_tokenizer() if not args.tokenizer else load_tokenizer(args.tokenizer)
         model = common.new_model(tok, args.hidden, args.layers, args.heads, args.kv_heads, args.mlp,
-                                 args.context, args.seed).to(device)
+                                 args.context, args.seed).to(load_on)
     else:
-        model, tok = common.load_model(args.model, device, torch.float32)  # master weights; dtype is for compute
+        model, tok = common.load_model(args.model, load_on, torch.float32)  # master weights; dtype is for compute
+    if args.lora_rank:  # a frozen base with adapters
+        model = common.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
     vocab = len(tok)
     if model.get_output_embeddings().weight.shape[0] < vocab:
         raise common.UserError(f"the model predicts {model.get_output_embeddings().weight.shape[0]} tokens but "
@@ -391,7 +407,7 @@ def train(args):
     if args.teacher:
         # frozen, so its weights are kept in the compute dtype: half the memory in bf16, at the price of
         # a small KL rather than exactly 0 between identical weights (their arithmetic differs)
-        teacher, t_tok = common.load_model(args.teacher, device, dtype)
+        teacher, t_tok = common.load_model(args.teacher, load_on, dtype)
         teacher.eval().requires_grad_(False)
         differs = same_vocabulary(tok, t_tok)
         if differs:
@@ -401,8 +417,9 @@ def train(args):
                 "vocabulary. Distil at the sequence level instead: sample the teacher with reject_sample.py "
                 "and fine-tune on the kept text without --teacher.")
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"{'new' if args.init == 'scratch' and not resumed else 'loaded'} model: {n_params / 1e6:.2f}M parameters, "
-        f"vocabulary {vocab}, on {device} in {str(dtype).removeprefix('torch.')}")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"{'new' if args.init == 'scratch' and not resumed else 'loaded'} model: {n_params / 1e6:.2f}M parameters "
+        f"({n_train / 1e6:.2f}M trained), vocabulary {vocab}, on {device} in {str(dtype).removeprefix('torch.')}")
 
     # data: the split (by record, so no document lands on both sides), the lengths, the steps
     end_id = end_token(model, tok, args.template)
@@ -445,8 +462,12 @@ def train(args):
 
     if args.grad_checkpointing:
         common.enable_grad_checkpointing(model)
+    if args.fsdp:  # each process keeps 1/N of the weights, gradients and AdamW state, and of the teacher
+        model = common.shard(model, device)
+        teacher = common.shard(teacher, device, keep_gathered=False) if teacher is not None else None
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # sampled evaluation only
     eos = common.eos_ids(model, tok)
     start = 0
@@ -470,8 +491,8 @@ def train(args):
     log, finish = (common.open_run(args.out, flags, args.wandb_project, header={"data": counts, "val_data": val_counts})
                    if rank == 0 else (lambda *a: None, lambda: None))
 
-    def run_eval(step):  # on process 0 alone
-        if rank:
+    def run_eval(step):  # on process 0 alone; under FSDP every process takes part in the passes
+        if rank and not args.fsdp:
             return
         model.eval()
         record = {"step": step}
@@ -486,13 +507,13 @@ def train(args):
                     nll, _ = token_losses(model, ids, attn, mask, vocab=vocab)
                     total, n = total + nll.sum().item(), n + int(mask.sum())
             record["val_loss"] = total / n
-            tqdm.write(f"val step {step} | loss {record['val_loss']:.4f} | ppl {math.exp(min(record['val_loss'], 50)):.2f}")
+            note(f"val step {step} | loss {record['val_loss']:.4f} | ppl {math.exp(min(record['val_loss'], 50)):.2f}")
         if eval_examples:
             with amp():
                 record.update(common.evaluate(model, tok, eval_examples, eval_ids, eos, generator, args.eval_samples,
                                               args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                                              args.micro_batch_size, warn=tqdm.write))
-            tqdm.write(f"eval step {step} | pass@1 {record['eval_pass@1']:.3f} | format {record['eval_format']:.3f}"
+                                              args.micro_batch_size, warn=note))
+            note(f"eval step {step} | pass@1 {record['eval_pass@1']:.3f} | format {record['eval_format']:.3f}"
                        f" | len {record['eval_len']:.0f} | trunc {record['eval_trunc']:.2f}")
         model.train()
         if len(record) > 1:
@@ -519,8 +540,11 @@ def train(args):
         # so the gradient (summed over processes too) is the whole batch's however it is split
         micro = [collate([train_set[i] for i in ix], tok.pad_token_id, device) for ix in micro_batches(batch)]
         n_total = int(common.all_sum([sum(int(mask.sum()) for _, _, mask in micro)], device)[0])  # trained tokens
+        n_real, n_padded = sum(int(attn.sum()) for _, attn, _ in micro), sum(attn.numel() for _, attn, _ in micro)
+        if args.fsdp:  # FSDP's gathers need every process in every pass: the short ones pass over nothing
+            ids, attn, mask = collate([train_set[0]], tok.pad_token_id, device)
+            micro += [(ids, attn, mask * 0)] * (int(max(common.all_gather([len(micro)]))) - len(micro))
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-        n_real = n_padded = 0
         opt.zero_grad(set_to_none=True)
         for ids, attn, mask in micro:
             with amp():
@@ -531,7 +555,6 @@ def train(args):
             sums["loss"] += loss.item()
             sums["ce"] += ce.item()
             sums["kd"] += kd.item() if kd is not None else 0.0
-            n_real, n_padded = n_real + int(attn.sum()), n_padded + attn.numel()
         common.sum_gradients(model)  # every process now holds the whole batch's gradient
         *totals, n_real, n_padded = common.all_sum([*sums.values(), n_real, n_padded], device)
         sums = dict(zip(sums, totals))

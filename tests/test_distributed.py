@@ -222,3 +222,27 @@ def test_sharded_sampling_keeps_every_process_in_step(tiny_dir, tmp_path):
     model, tok = common.load_model(tiny_dir)  # and the sharded model samples what the whole one does
     whole = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, [], tok.pad_token_id, generator=torch.Generator().manual_seed(1))
     assert torch.equal(whole["ids"], second["ids"])
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp_takes_the_steps_of_data_parallel(tiny_dir, tmp_path):
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"prompt": f"What is {i} + {2 * i}?", "completion": f"{i} + {2 * i} = {3 * i}" + "!" * i})
+                    + "\n")
+
+    def argv(out, *extra):  # batches of 5: 3 and 2 examples, so 2 and 1 micro-batches of 2 (one passes over nothing)
+        return ["--model", tiny_dir, "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / out),
+                "--device", "cpu", "--template", "raw", "--batch-size", "5", "--micro-batch-size", "2",
+                "--num-steps", "3", "--lr", "1e-3", "--val-fraction", "0.2", "--eval-every", "2", *extra]
+
+    for out, extra in [("ddp", []), ("fsdp", ["--fsdp"])]:
+        mp.spawn(process, args=(2, free_port(), "sft", argv(out, *extra), str(tmp_path / f"grads.{out}")), nprocs=2)
+    same_gradients(tmp_path, 3, "grads.ddp.0", "grads.fsdp")
+    ddp, fsdp = ([json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")][1:] for out in ["ddp", "fsdp"])
+    assert [r["step"] for r in ddp] == [r["step"] for r in fsdp] and sum("val_loss" in r for r in fsdp) == 3
+    for a, b in zip(ddp, fsdp):
+        for k in a:
+            if k not in {"s", "tok/s"}:
+                assert b[k] == pytest.approx(a[k], rel=1e-5), k
+    same_weights(tmp_path / "ddp" / "step-000003", tmp_path / "fsdp" / "step-000003", tiny_dir)

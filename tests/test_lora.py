@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import common
 import grpo
+import sft
 
 peft = pytest.importorskip("peft")  # optional; CI installs it (.ci/run)
 
@@ -93,3 +94,23 @@ def test_lora_flags_and_a_missing_peft_fail_clearly(tiny_dir, data, tmp_path, to
     with pytest.raises(SystemExit) as e:
         lora_run(tiny_dir, data, tmp_path / "c")
     assert str(e.value.code) == "error: --lora-rank: peft is not installed (pip install peft)"
+
+
+def test_sft_with_lora_learns_its_examples_and_leaves_the_base_alone(tiny_dir, tmp_path):
+    with open(tmp_path / "four.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"What is {i} + {i}?", "completion": f"{i} + {i} = {2 * i}."}) + "\n")
+    history = sft.main(["--model", tiny_dir, "--data", str(tmp_path / "four.jsonl"), "--out", str(tmp_path / "run"),
+                        "--device", "cpu", "--template", "raw", "--batch-size", "4", "--micro-batch-size", "4",
+                        "--num-steps", "15", "--lr", "1e-2", "--val-fraction", "0", "--lora-rank", "8",
+                        "--lora-alpha", "16"])
+    # the adapters alone carry the learning: slower than training every weight (6.0 to 1.8 in these
+    # steps), for the random embeddings stay as they are, but 6.0 to 5.2
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    trained = peft.PeftModel.from_pretrained(common.load_model(tiny_dir)[0], str(tmp_path / "run" / "step-000015" / "adapter"))
+    base, _ = common.load_model(tiny_dir)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with trained.disable_adapter():
+        assert torch.equal(logits(trained, ids), logits(base, ids))
+    merged, _ = common.load_model(str(tmp_path / "run" / "step-000015"))
+    assert torch.allclose(logits(merged, ids), logits(trained, ids), atol=1e-5)

@@ -72,13 +72,14 @@ def stop_after(full, out, step):
 
 # grpo three times: with the reference moved by --ref-reset-every (restored from the
 # checkpoint), without (the reference is --model again), and with LoRA (the adapters come from
-# the checkpoint, the base from --model)
+# the checkpoint, the base from --model); sft.py with and without LoRA
 @pytest.mark.parametrize("script, extra", [
     ("grpo", []), ("grpo", ["--ref-reset-every", "0"]), ("sft", []),
-    pytest.param("grpo", ["--ref-reset-every", "0", "--lora-rank", "4"],
-                 marks=pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is optional"))])
+    *[pytest.param(script, extra, marks=pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                                           reason="peft is optional"))
+      for script, extra in [("grpo", ["--ref-reset-every", "0", "--lora-rank", "4"]), ("sft", ["--lora-rank", "4"])]]])
 def test_resumed_run_equals_the_uninterrupted_one(tiny_dir, data, tmp_path, toy, script, extra):
-    run = (lambda *a, **k: grpo_run(*a, *extra, **k)) if script == "grpo" else sft_run
+    run = lambda *a, **k: (grpo_run if script == "grpo" else sft_run)(*a, *extra, **k)  # noqa: E731
     last, half = "step-000006", 3
     run(tiny_dir, data, tmp_path / "full")
     stop_after(tmp_path / "full", tmp_path / "resumed", half)
