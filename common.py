@@ -623,7 +623,12 @@ def add_lora(model, rank, alpha, adapter=None):
     if adapter:
         if not os.path.isdir(adapter):
             raise UserError(f"--resume: no {adapter} (the checkpoint was written without --lora-rank)")
-        return peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        saved = model.peft_config["default"]
+        if (saved.r, saved.lora_alpha) != (rank, alpha):
+            raise UserError(f"--resume: the adapters in {adapter} have rank {saved.r} and alpha {saved.lora_alpha:g}, "
+                            f"not --lora-rank {rank} --lora-alpha {alpha:g}")
+        return model
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
     return peft.get_peft_model(model, config)
 
@@ -638,9 +643,10 @@ def merged_state_dict(model):
     the base weights, and the next step would not be the uninterrupted run's."""
     base = model.get_base_model()
     weights = {name.replace(".base_layer.", "."): t for name, t in base.state_dict().items() if ".lora_" not in name}
-    for name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            weights[f"{name}.weight"] = module.base_layer.weight + module.get_delta_weight("default")
+    with torch.no_grad():  # one merged matrix at a time on the device, then to the CPU
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                weights[f"{name}.weight"] = (module.base_layer.weight + module.get_delta_weight("default")).cpu()
     return weights
 
 
@@ -656,6 +662,8 @@ def shard(model, device, keep_gathered=True):
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
+    if not layers:  # the whole model would be gathered at once: no memory saved
+        raise UserError(f"--fsdp: {type(model).__name__} names no layer class to shard by (_no_split_modules)")
     for m in layers + [model]:  # the model last: it holds what no layer does (embeddings, head)
         fully_shard(m, mesh=mesh, reshard_after_forward=m is not model or not keep_gathered)
         if not hasattr(m, "set_force_sum_reduction_for_comms"):
@@ -667,10 +675,10 @@ def shard(model, device, keep_gathered=True):
 
 
 def is_sharded(model):
-    if not torch.distributed.is_available():
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch 2.6 and later
+    except ImportError:
         return False
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -742,7 +750,7 @@ def save_checkpoint(path, model, tok, args=None, state=None, weights=None):
     shutil.rmtree(tmp, ignore_errors=True)
     if is_lora(model):
         model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)  # (no look-up on the hub)
     else:
         model.save_pretrained(tmp, state_dict=weights)
     tok.save_pretrained(tmp)
@@ -839,7 +847,11 @@ def save_training_checkpoint(out, step, model, opt, tok, flags, state, generator
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         weights = full_state_dict(model)
-        optimizer = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(model.config, "tie_word_embeddings", False):  # the head's gathered copy of the input embeddings
+            weights.pop(next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+        # (before the first step there is no state, and asking for it would take a step of zeros)
+        optimizer = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+            if opt.state else None
     if rank:
         return None
     path = save_checkpoint(os.path.join(out, f"step-{step:06d}"), model, tok, flags,
@@ -866,11 +878,11 @@ def restore_optimizer(model, opt, state, path, world, weight_decay):
         if bool(state["flags"].get(flag)) != now:
             raise UserError(f"--resume {path}: written {'with' if not now else 'without'} --{flag.replace('_', '-')}; "
                             "resume the same way (the optimizer's state differs)")
-    if is_sharded(model):  # each process takes its shard of the whole tensors
+    if is_sharded(model) and state["optimizer"] is not None:  # each process takes its shard of the whole tensors
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
+    elif not is_sharded(model):
         opt.load_state_dict(state["optimizer"])
     for group in opt.param_groups:
         group["weight_decay"] = weight_decay

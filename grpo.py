@@ -325,18 +325,24 @@ def train(args):
         if args.eval_prompts:
             eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
     say(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
-    ref = None  # none when beta is 0, or with LoRA: then the base with its adapters off is the reference
-    if args.beta > 0 and not args.lora_rank:  # a frozen copy of the initial policy
-        # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-        if resumed:  # the policy has moved on: the reference is --model, or where --ref-reset-every moved it
-            ref.load_state_dict(state["ref"] if state["ref"] is not None else
-                                common.load_model(args.model, load_on, torch.float32, tokenizer=False)[0].state_dict())
     if args.grad_checkpointing:
         common.enable_grad_checkpointing(model)
-    if args.fsdp:  # each process keeps 1/N of the policy, of its gradients and AdamW state, and of the reference
+    if args.fsdp:  # each process keeps 1/N of the policy, of its gradients and AdamW state (the whole copy is freed)
         model = common.shard(model, device)
-        ref = common.shard(ref, device, keep_gathered=False) if ref is not None else None  # no backward
+    ref = None  # none when beta is 0, or with LoRA: then the base with its adapters off is the reference
+    if args.beta > 0 and not args.lora_rank:  # a frozen copy of the initial policy
+        # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1. A resumed
+        # policy has moved on: the reference is --model, or where --ref-reset-every moved it
+        moved = state["ref"] if state else None
+        if args.fsdp or (resumed and moved is None):
+            ref = common.load_model(args.model, load_on, torch.float32, tokenizer=False)[0]
+        else:
+            ref = copy.deepcopy(model)
+        if moved is not None:
+            ref.load_state_dict(moved)
+        ref.eval().requires_grad_(False)
+        if args.fsdp:  # and 1/N of the reference; it has no backward, so nothing stays gathered
+            ref = common.shard(ref, device, keep_gathered=False)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
@@ -366,7 +372,7 @@ def train(args):
         with amp():
             ev = common.evaluate(model, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
                                  args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                                 args.prompts_per_step, reward_defaults(args), tqdm.write)
+                                 args.prompts_per_step, reward_defaults(args), note)
         log(step, {"step": step, **ev})
         note(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
                    f" | len {ev['eval_len']:.0f}")

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 import common
 import grpo
+import rewards as R
 import sft
+from conftest import digits
 
 
 def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p, eos, rewards,
@@ -47,12 +49,19 @@ def capture_gradients(path):
     return clip
 
 
-def process(rank, world, port, script, argv, grads_path):
-    """One of torchrun's processes."""
+def process(rank, world, port, script, argv, grads_path, fixed=True):
+    """One of torchrun's processes; with `fixed`, its samples are fixed_rollout's, else sampled and
+    scored with the toy reward. A collective that waits over a minute fails the test: processes
+    out of step would otherwise wait for each other for torchrun's hours."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    common.rollout = fixed_rollout
+    init = common.init_distributed
+    common.init_distributed = lambda name, backend=None, timeout_hours=0: init(name, backend, 1 / 60)
+    if fixed:
+        common.rollout = fixed_rollout
+    else:
+        R.REWARDS["digits"] = digits
     torch.nn.utils.clip_grad_norm_ = capture_gradients(f"{grads_path}.{rank}")
     {"grpo": grpo, "sft": sft}[script].main(argv)
 
@@ -181,6 +190,23 @@ def test_grpo_under_fsdp_takes_the_steps_of_data_parallel_and_resumes_exactly(ti
             if k not in {"s", "sample_s", "tok/s"}:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
     same_weights(tmp_path / "ddp" / "step-000004", tmp_path / "fsdp" / "step-000004", tiny_dir)
+
+    # sampled and evaluated for real: the sharded policy samples what the whole one does
+    def sampled(out, *extra):
+        argv = ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(tmp_path / out),
+                "--device", "cpu", "--prompts-per-step", "4", "--group", "4", "--rewards", "digits", "--num-steps", "3",
+                "--lr", "1e-2", "--max-new-tokens", "8", "--eval-data", str(data / "train.jsonl"), "--eval-every", "2",
+                "--eval-prompts", "2", "--temperature", "0.9", *extra]
+        mp.spawn(process, args=(2, free_port(), "grpo", argv, str(tmp_path / f"grads.{out}"), False), nprocs=2)
+        return [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")][1:]
+
+    ddp, fsdp = sampled("ddp-sampled"), sampled("fsdp-sampled", "--fsdp")
+    assert len(fsdp) == 3 + 3 and [r.get("eval_pass@1") is None for r in fsdp] == [r.get("eval_pass@1") is None for r in ddp]
+    for a, b in zip(ddp, fsdp):
+        for k in ["reward", "len", "eval_len", "eval_format"]:
+            assert a.get(k) == b.get(k), k  # the same samples
+    assert max(r.get("reward", 0) for r in ddp) > 0  # with rewards to learn from
+    same_weights(tmp_path / "ddp-sampled" / "step-000003", tmp_path / "fsdp-sampled" / "step-000003", tiny_dir)
 
     # resumed after step 2, from the gathered weights, optimizer state and reference
     shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")

@@ -90,6 +90,9 @@ def test_lora_flags_and_a_missing_peft_fail_clearly(tiny_dir, data, tmp_path, to
         grpo.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "b"),
                    "--device", "cpu", "--num-steps", "2", "--max-new-tokens", "8", "--resume"])
     assert "written with --lora-rank" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:  # nor LoRA run with other adapters
+        lora_run(tiny_dir, data, tmp_path / "b", "--num-steps", "2", "--lora-rank", "8", "--resume")
+    assert "have rank 4 and alpha 8, not --lora-rank 8 --lora-alpha 8" in str(e.value.code)
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(SystemExit) as e:
         lora_run(tiny_dir, data, tmp_path / "c")
