@@ -9,10 +9,12 @@ algorithms themselves (advantages, losses, loops) live in the scripts.
 """
 
 import contextlib
+import functools
 import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -270,15 +272,16 @@ def build_tiny_tokenizer(vocab_size=384):
     return tok
 
 
-def new_model(tok, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, max_positions=1024, seed=0):
-    """A freshly initialised Qwen2 model sized by the arguments, for the tokenizer `tok`."""
+def new_model(tok, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, max_positions=1024, seed=0, vocab=None):
+    """A freshly initialised Qwen2 model sized by the arguments, for the tokenizer `tok` (its
+    vocabulary, or `vocab` entries when larger: a real model's LM head on the tiny tokenizer)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if hidden % heads or heads % kv_heads:
         raise UserError(f"a model of hidden size {hidden} with {heads} query and {kv_heads} key/value heads: "
                         "hidden must be a multiple of the heads, and the heads of the key/value heads")
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+        vocab_size=max(vocab or 0, len(tok)), hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=mlp,
         max_position_embeddings=max_positions, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -374,8 +377,9 @@ def left_pad(seqs, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def sample_next(logits, temperature, top_p, generator):
-    """One token per row from (N, V) logits: greedy at temperature 0, else nucleus sampling."""
+def sample_next(logits, temperature, top_p, generator=None, u=None):
+    """One token per row from (N, V) logits: greedy at temperature 0, else nucleus sampling.
+    u: (N,) uniform numbers in [0, 1) to sample with; drawn from `generator` when None."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -385,68 +389,117 @@ def sample_next(logits, temperature, top_p, generator):
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: the first token whose cumulative probability exceeds u. It takes one
+    # random number a row, where torch.multinomial draws one for every vocabulary entry; a token
+    # of probability 0 is never taken (its cumulative probability equals its predecessor's)
+    if u is None:
+        u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    cdf = probs.cumsum(-1)  # (N, V)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return token.clamp_(max=probs.shape[-1] - 1)  # u * total rounded up to the total
 
 
-@torch.no_grad()
+@functools.cache
+def roomy_layer():
+    """A Hugging Face DynamicLayer (one layer's KV cache) that keeps room ahead: a decoding
+    step writes its keys and values into the room instead of concatenating, which copies the
+    whole cache, every layer, every token (a fifth of the sampling time of a small model on
+    a CPU). When the cache's rows change (repeated for a group, a finished row dropped) the
+    next step copies what is left into a new buffer, with room for `room` more tokens."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        room = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, k = self.keys.shape[-2], key_states.shape[-2]
+            buf = getattr(self, "buf", None)
+            if buf is None or buf[0].data_ptr() != self.keys.data_ptr() or buf[0].shape[-2] < n + k:
+                shape = (*self.keys.shape[:-2], n + max(k, self.room), self.keys.shape[-1])
+                buf = self.buf = (self.keys.new_empty(shape), self.values.new_empty(shape))
+                buf[0][..., :n, :], buf[1][..., :n, :] = self.keys, self.values
+            buf[0][..., n:n + k, :], buf[1][..., n:n + k, :] = key_states, value_states
+            self.keys, self.values = buf[0][..., :n + k, :], buf[1][..., :n + k, :]  # views
+            return self.keys, self.values
+
+    return RoomyLayer
+
+
 def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
            generator=None):
     """Sample `group` completions for each prompt (lists of token ids), prompt-major order.
 
-    The prompt is encoded once and its KV cache repeated G times. Returns a dict:
+    The prompt is encoded once and its KV cache repeated G times. A completion that ends
+    leaves the batch (its rows of the cache are dropped), so the forward passes cost only
+    what is still being sampled. Each row draws its random numbers from its own place in
+    the stream, so what a row samples does not depend on when the others end. Returns:
       ids   (P*G, T) completion tokens, pad after the end token
       mask  (P*G, T) 1 on completion tokens up to and including the end token
       truncated (P*G,) True when the limit was hit without an end token
     """
     device = next(model.parameters()).device
-    sync = is_sharded(model)  # under FSDP the processes stop together, when all are done
+    # under FSDP every process takes part in every forward pass (each gathers the layers'
+    # shards from all), so finished rows stay in the batch and the processes stop together;
+    # and weights gathered under inference mode could not be used by the next backward pass
+    sync = is_sharded(model)
     was_training = model.training
     model.eval()
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (P, Lp)
-    pos = prompt_mask.cumsum(-1) - 1  # positions ignore the left padding
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                position_ids=pos.clamp(min=0), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(group)  # (P, ...) -> (P*G, ...): the prompt is encoded once
-    logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (N, V)
-    attn = prompt_mask.repeat_interleave(group, dim=0)  # (N, Lp)
-    next_pos = pos[:, -1:].repeat_interleave(group, dim=0) + 1  # (N, 1)
-    eos_t = torch.tensor(eos, device=device)
-    N = logits.shape[0]
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, masks = [], []
-    for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        masks.append(~done)
-        tokens.append(tok)
-        done = done | torch.isin(tok, eos_t)
-        finished = done.all()
-        if sync:  # FSDP: a forward pass gathers each layer from every process, so all take part
-            finished = all_sum([float(finished)], device)[0] == torch.distributed.get_world_size()
-        if finished or t == max_new_tokens - 1:  # no forward pass whose logits go unused
-            break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+    with torch.no_grad() if sync else torch.inference_mode():
+        prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (P, Lp)
+        pos = prompt_mask.cumsum(-1) - 1  # positions ignore the left padding
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                    position_ids=pos.clamp(min=0), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(group)  # (P, ...) -> (P*G, ...): the prompt is encoded once
+        for layer in getattr(cache, "layers", []):  # plain layers get room for the completion
+            if type(layer).__name__ == "DynamicLayer" and layer.is_initialized:
+                layer.__class__, layer.room = roomy_layer(), max_new_tokens
+        logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (n, V), n rows still in the batch
+        N, Lp = logits.shape[0], prompt_ids.shape[1]
+        attn = torch.cat([prompt_mask.repeat_interleave(group, dim=0),  # (n, Lp + T), sliced as it grows
+                          torch.ones(N, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
+        next_pos = pos[:, -1:].repeat_interleave(group, dim=0) + 1  # (n, 1)
+        eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+        ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, T)
+        mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, T)
+        done = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+        rows = torch.arange(N, device=device)  # (n,) which of the N completions each batch row is
+        for t in range(max_new_tokens):
+            u = torch.rand(N, generator=generator, device=device)[rows] if temperature else None
+            tok = sample_next(logits, temperature, top_p, generator, u)  # (n,)
+            live = ~done[rows]  # (n,) all of them, but under FSDP
+            ids[rows[live], t] = tok[live]
+            mask[rows[live], t] = 1
+            done[rows] |= live & torch.isin(tok, eos_t)
+            finished = bool(done.all())
+            if sync:
+                finished = all_sum([float(finished)], device)[0] == torch.distributed.get_world_size()
+            if finished or t == max_new_tokens - 1:  # no forward pass whose logits go unused
+                break
+            if not sync and bool(done[rows].any()):  # finished rows leave the batch
+                keep = (~done[rows]).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tok, attn, next_pos = rows[keep], tok[keep], attn[keep], next_pos[keep]
+            out = model(input_ids=tok[:, None], attention_mask=attn[:, :Lp + t + 1], position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
     model.train(was_training)
-    return {
-        "ids": torch.stack(tokens, dim=1), "mask": torch.stack(masks, dim=1).long(),
-        "truncated": ~done,
-    }
+    return {"ids": ids[:, :t + 1], "mask": mask[:, :t + 1], "truncated": ~done}  # (N, T'): T' the longest
 
 
 def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p,
-            eos, rewards, generator, defaults, warn=print):
+            eos, rewards, generator, defaults, warn=print, timings=None):
     """Sample `group` completions per example and score them -> list of per-completion dicts.
 
     rewards: the list R.parse_rewards returns. defaults: fields the rewards fall back on
-    when an example lacks them (the language, the overlong buffer).
+    when an example lacks them (the language, the overlong buffer). timings: a dict whose
+    "sample" and "score" entries get the seconds each took added.
     """
+    t0 = time.time()
     out = sample(model, prompt_ids, group, max_new_tokens, eos, tok.pad_token_id,
                  temperature, top_p, generator)
-    lengths = out["mask"].sum(1).tolist()
+    lengths = out["mask"].sum(1).tolist()  # (waits for the GPU)
+    t1 = time.time()
     ids, truncated = out["ids"].tolist(), out["truncated"].tolist()
     completions = [ids[i][: lengths[i]] for i in range(len(ids))]
     texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
@@ -460,6 +513,9 @@ def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature
             warn(f"warning: {ex.get('_where', '?')}: {e}")
         rows.append({"prompt": prompt_ids[i // group], "completion": completions[i], "text": texts[i],
                      "truncated": truncated[i], "reward": total, "parts": parts, "example": ex})
+    if timings is not None:
+        timings["sample"] += t1 - t0
+        timings["score"] += time.time() - t1
     return rows
 
 
@@ -497,34 +553,47 @@ def pad_batch(prompts, completions, pad_id, device):
     return prompt_ids, prompt_mask, ids.to(device), mask.to(device)
 
 
+LOGIT_CHUNK = 2**24  # float32 entries of the logits turned into log-probs at once (64 MiB)
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1.0,
                         with_entropy=False):
     """Log-probs (B, T) of completion tokens `ids` given left-padded prompts, in one forward.
 
     Logits are divided by the sampling temperature so that the probabilities are those of
-    the distribution that was sampled. Only the T completion positions reach the LM head,
-    and log-softmax runs one sequence at a time, so at most one (T, V) float32 copy of the
-    logits exists at once. Padding positions get 0. Gradients flow unless the caller is
+    the distribution that was sampled. Only the T completion positions reach the LM head.
+    Log-softmax runs on chunks of whole sequences, about LOGIT_CHUNK entries each (one
+    sequence at least), and is recomputed in the backward pass: at most one chunk's float32
+    copy of the logits exists at a time, in the forward and in the backward pass, beside
+    the model's own logits. Padding positions get 0. Gradients flow unless the caller is
     under torch.no_grad(). Returns logp, or (logp, entropy) with with_entropy.
     """
-    T = ids.shape[1]
+    from torch.utils.checkpoint import checkpoint
+
+    B, T = ids.shape
     input_ids = torch.cat([prompt_ids, ids], dim=1)  # (B, Lp + T)
     attn = torch.cat([prompt_mask, mask], dim=1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding takes no positions
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
                    use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V)
+
+    def chunk_logp(x, target):  # (b, T, V), (b, T) -> (b, T)
+        x = x.float() / temperature
+        return x.gather(-1, target[..., None]).squeeze(-1) - x.logsumexp(-1)
+
+    rows = max(1, LOGIT_CHUNK // (T * logits.shape[-1]))  # sequences per chunk
     logps, ents = [], []
-    for i in range(logits.shape[0]):
-        row = logits[i].float() / temperature  # (T, V)
-        lse = row.logsumexp(-1)  # (T,)
-        logps.append(row.gather(-1, ids[i, :, None]).squeeze(-1) - lse)
+    for x, target in zip(logits.split(rows), ids.split(rows)):  # split, not x[i]: no full-size zeros per backward
+        grad = torch.is_grad_enabled() and x.requires_grad
+        logps.append(checkpoint(chunk_logp, x, target, use_reentrant=False) if grad else chunk_logp(x, target))
         if with_entropy:
             with torch.no_grad():
-                ents.append(lse - (torch.softmax(row, -1) * row).sum(-1))
-    logp = torch.stack(logps).masked_fill(mask == 0, 0.0)
+                z = x.float() / temperature
+                ents.append(z.logsumexp(-1) - (torch.softmax(z, -1) * z).sum(-1))
+    logp = torch.cat(logps).masked_fill(mask == 0, 0.0)
     if not with_entropy:
         return logp
-    return logp, torch.stack(ents).masked_fill(mask == 0, 0.0)
+    return logp, torch.cat(ents).masked_fill(mask == 0, 0.0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -690,6 +759,15 @@ def full_state_dict(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def adamw(model, lr, weight_decay):
+    """AdamW over the trainable parameters, with torch's fused kernel where there is one (CPU,
+    CUDA; on a 40M model on a CPU a step takes a third of the default's time), but not for
+    FSDP's sharded parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = params[0].device.type in ("cpu", "cuda") and not is_sharded(model)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def clip_gradients(model, max_norm):

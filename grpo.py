@@ -83,6 +83,8 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit, tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="sample every completion to --max-new-tokens, past end tokens (bench.py: equal work per step)")
     # rewards
     p.add_argument("--rewards", default="accuracy,format",
                    help="comma list of rewards.py names with optional :weight, e.g. accuracy,format:0.5,language:0.1")
@@ -344,8 +346,7 @@ def train(args):
         if args.fsdp:  # and 1/N of the reference; it has no backward, so nothing stays gathered
             ref = common.shard(ref, device, keep_gathered=False)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
+    opt = common.adamw(model, args.lr, args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # own samples per process
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0
@@ -383,9 +384,14 @@ def train(args):
         common.set_rng_state(state["rng"][rank], [generator, eval_generator])
 
     history, bad_steps = [], 0
+    def clock():  # the time at a phase's end; on a GPU, once the phase's queued kernels have run
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.time()
+
     for step in tqdm(range(start + 1, args.num_steps + 1), desc="grpo", dynamic_ncols=True,
                      initial=start, total=args.num_steps, disable=rank > 0):
-        t0 = time.time()
+        t0, timings = clock(), {"sample": 0.0, "score": 0.0}
         if ref is not None and args.ref_reset_every and step > 1 and (step - 1) % args.ref_reset_every == 0:
             ref.load_state_dict(model.state_dict())  # DeepSeekMath's iterative RL: new reference
 
@@ -400,15 +406,14 @@ def train(args):
                 continue  # this process is full; the data order still moves on with the others'
             with amp():
                 rows = common.rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
-                                      args.max_new_tokens, args.temperature, args.top_p, eos, rewards,
-                                      generator, reward_defaults(args), warn=note)
+                                      args.max_new_tokens, args.temperature, args.top_p, [] if args.ignore_eos else eos,
+                                      rewards, generator, reward_defaults(args), warn=note, timings=timings)
             sampled += rows
             for g in range(Pr):
                 group = rows[g * G:(g + 1) * G]
                 informative = len({r["reward"] for r in group}) > 1
                 if (informative or not args.dynamic_sampling) and len(batch) < Pr * G:
                     batch += group
-        t_sample = time.time() - t0
 
         # 2. the step's metrics, over every process's samples
         seen = [{"reward": r["reward"], "parts": r["parts"], "len": len(r["completion"]), "trunc": r["truncated"]}
@@ -456,6 +461,7 @@ def train(args):
             keep = torch.tensor([use[i] for i in ix], device=device)
             return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
 
+        t_ref = clock()
         ref_logps = [None] * len(micro)
         if args.beta > 0:  # with LoRA the reference is the policy's base, adapters off: no second model
             off = model.disable_adapter() if args.lora_rank else contextlib.nullcontext()
@@ -463,6 +469,7 @@ def train(args):
                 for j, ix in enumerate(micro):
                     ref_logps[j] = common.completion_logprobs(model if ref is None else ref, *tensors(ix),
                                                               args.temperature)
+        t_update = clock()
         old_logps = [None] * len(micro)
         for it in range(args.num_iterations if total_seq else 0):
             opt.zero_grad(set_to_none=True)
@@ -497,9 +504,12 @@ def train(args):
             record[k] = sums[k] / n_tok_logged if n_tok_logged else None
         record["gnorm"] = gnorm if math.isfinite(gnorm) else None
         record["lr"] = lr
-        seconds = time.time() - t0
+        t_end = clock()
+        seconds = t_end - t0
         record["tok/s"] = n_sampled / seconds  # generated tokens, all processes
-        record["sample_s"], record["s"] = t_sample, seconds
+        # where the step's time went (process 0's): sampling, scoring, the reference's log-probs, the update
+        record.update({"sample_s": timings["sample"], "score_s": timings["score"], "ref_s": t_update - t_ref,
+                       "update_s": t_end - t_update, "s": seconds})
 
         # 4. log: one line, one jsonl record, a few completions to read, warnings
         line = f"step {step}/{args.num_steps} | reward {record['reward']:.3f}"

@@ -139,6 +139,44 @@ def test_sampling_is_seeded_and_respects_top_p(tiny):
     assert torch.equal(run(3, 1e-6), greedy)
 
 
+def test_sample_next_draws_each_token_with_its_probability():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])  # the last one never
+    logits = probs.clamp(min=1e-30).log()[None].expand(4000, -1)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([common.sample_next(logits, 1.0, 1.0, g) for _ in range(5)])  # 20,000 draws
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    # binomial standard deviations are at most 0.0036: 0.015 is over 4 of them
+    assert torch.allclose(freq, probs, atol=0.015) and freq[4] == 0
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.96, 0.999999])  # the inverse CDF at hand-picked points
+    assert common.sample_next(probs.log()[None].expand(7, -1), 1.0, 1.0, u=u).tolist() == [0, 0, 1, 1, 2, 3, 3]
+
+
+def test_finished_completions_leave_the_batch_without_changing_the_others(sharp, monkeypatch):
+    """A row that ends stops costing forward passes, and the rows still sampling draw what
+    they would have drawn had nothing ended (each row has its own random numbers)."""
+    model, tok = sharp
+    prompts = encode(tok, ["12 + 34 =", "the answer is 7 so we get"])
+    run = lambda eos: common.sample(model, prompts, 4, 16, eos, tok.pad_token_id, 1.0, 1.0,  # noqa: E731
+                                    torch.Generator().manual_seed(3))
+    free = run([])
+    counts = torch.bincount(free["ids"][:, :8].flatten())
+    end = int(counts.argmax())  # a token sampled early in several rows becomes the end token
+    sizes = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: sizes.append(kw["input_ids"].shape[0]) or real_forward(**kw))
+    out = run([end])
+    ended = ~out["truncated"]
+    assert 0 < int(ended.sum()) < 8
+    for i in range(8):  # each row equals the free run's up to its end token, then padding
+        n = int(out["mask"][i].sum())
+        assert out["ids"][i, :n].tolist() == free["ids"][i, :n].tolist()
+        assert bool(ended[i]) == (end in free["ids"][i, :16].tolist())
+    # the prompts' pass, then one pass a token with the rows that have not ended by then
+    last = [int(out["mask"][i].sum()) - 1 if ended[i] else 16 for i in range(8)]  # each row's last token
+    want = [sum(k > t for k in last) for t in range(len(sizes) - 1)]
+    assert sizes == [2] + want and want[-1] < 8
+
+
 def test_sample_next_top_p_keeps_the_smallest_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probs ~ .64 .24 .09 .03
     g = torch.Generator().manual_seed(0)

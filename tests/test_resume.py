@@ -20,7 +20,7 @@ import grpo
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"s", "sample_s", "tok/s"}  # wall-clock fields, the only ones allowed to differ
+TIMING = {"s", "sample_s", "score_s", "ref_s", "update_s", "tok/s"}  # wall-clock fields, the only ones allowed to differ
 
 
 @pytest.fixture(scope="module")
