@@ -12,7 +12,8 @@ process, alternating which goes first, and prints the medians over runs: the mac
 noisy, and one run of each proves little.
 
 Deliberate simplifications: the prompts are short arithmetic questions without a template
-(--template raw) and the reward is the format rule, cheap and the same on both sides; the
+(--template raw) without answers (grpo.py would also check and log accuracy) and the reward
+is the format rule, cheap and the same on both sides; the
 models are built from a size preset with random weights (or loaded from --model).
 
     python bench.py --model tiny --group 8 --prompts-per-step 4 --max-new-tokens 64 --device cpu
@@ -102,7 +103,7 @@ def prepare(args, work):
     with open(data, "w") as f:
         for i in range(64):
             a, b = (37 * i) % 100, (53 * i) % 100
-            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?"}) + "\n")  # no answer: no accuracy to log
     return model_dir, data
 
 
@@ -180,8 +181,10 @@ def run_trl(args, model_dir, data, device, work):
     trainer = GRPOTrainer(model=model, reward_funcs=[format_reward], args=config, processing_class=tok,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[StepTimer()])
     trainer.train()
-    timed = starts[args.warmup:]
-    return {"side": "trl", "step_s": statistics.median(timed)}
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    if not lengths or any(n != T for n in lengths):
+        raise RuntimeError(f"TRL's completions were not all {T} tokens long ({lengths}): not equal work")
+    return {"side": "trl", "step_s": statistics.median(starts[args.warmup:])}
 
 
 # ----------------------------------------------------------------------------------------

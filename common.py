@@ -458,6 +458,10 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
         N, Lp = logits.shape[0], prompt_ids.shape[1]
         attn = torch.cat([prompt_mask.repeat_interleave(group, dim=0),  # (n, Lp + T), sliced as it grows
                           torch.ones(N, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":  # the default attention
+            # a step's one query sees its row's every position but the left padding: made once as
+            # SDPA's 4D mask and sliced, where Hugging Face would build it again for every token
+            attn = attn.bool()[:, None, None, :]  # (n, 1, 1, Lp + T)
         next_pos = pos[:, -1:].repeat_interleave(group, dim=0) + 1  # (n, 1)
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, T)
@@ -468,19 +472,21 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
             u = torch.rand(N, generator=generator, device=device)[rows] if temperature else None
             tok = sample_next(logits, temperature, top_p, generator, u)  # (n,)
             live = ~done[rows]  # (n,) all of them, but under FSDP
-            ids[rows[live], t] = tok[live]
-            mask[rows[live], t] = 1
-            done[rows] |= live & torch.isin(tok, eos_t)
-            finished = bool(done.all())
+            ids[rows, t] = torch.where(live, tok, pad_id)
+            mask[rows, t] = live.long()
+            ended = live & torch.isin(tok, eos_t)  # (n,) the rows this token ends
+            changed = bool(eos) and bool(ended.any())  # one check a token, none when nothing can end
+            done[rows] |= ended
+            finished = changed and bool(done.all())
             if sync:
                 finished = all_sum([float(finished)], device)[0] == torch.distributed.get_world_size()
             if finished or t == max_new_tokens - 1:  # no forward pass whose logits go unused
                 break
-            if not sync and bool(done[rows].any()):  # finished rows leave the batch
-                keep = (~done[rows]).nonzero().squeeze(1)
+            if changed and not sync:  # finished rows leave the batch
+                keep = (~ended).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 rows, tok, attn, next_pos = rows[keep], tok[keep], attn[keep], next_pos[keep]
-            out = model(input_ids=tok[:, None], attention_mask=attn[:, :Lp + t + 1], position_ids=next_pos,
+            out = model(input_ids=tok[:, None], attention_mask=attn[..., :Lp + t + 1], position_ids=next_pos,
                         past_key_values=cache, use_cache=True)
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
     model.train(was_training)

@@ -337,8 +337,9 @@ def token_losses(model, ids, attn, mask, teacher=None, kd_temperature=1.0, vocab
             t_logits = teacher(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits[:, :-1]
     target, m = ids[:, first:], mask[:, first:].bool()  # (B, L - first)
     nll, kl = torch.zeros(B, L, device=ids.device), torch.zeros(B, L, device=ids.device)
+    rows = logits.unbind(0)  # not logits[i]: its backward would write a zeroed copy of all the logits per row
     for i in range(B):
-        inputs = (logits[i, :, :vocab], target[i], None if t_logits is None else t_logits[i, :, :vocab], kd_temperature)
+        inputs = (rows[i][:, :vocab], target[i], None if t_logits is None else t_logits[i, :, :vocab], kd_temperature)
         # one row at a time, recomputed in the backward pass: the float32 copies and softmaxes of
         # a (T, V) row are never kept, only the model's own logits (a 150k vocabulary makes each
         # float32 copy of a 4k-token row 2.3 GiB)
