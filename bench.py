@@ -41,7 +41,7 @@ import rewards as R
 
 # model size presets (Qwen2 layout): hidden, layers, query heads, key/value heads, MLP width, vocabulary
 SIZES = {
-    "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256),  # ~0.1M parameters, the tiny tokenizer's 388 tokens
+    "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=2, mlp=256),  # 0.35M parameters, the tiny tokenizer's 388 tokens
     "40m": dict(hidden=512, layers=8, heads=8, kv_heads=2, mlp=2816),  # ~40M parameters
     "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151936),  # Qwen2.5-0.5B's shape
 }

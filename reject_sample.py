@@ -556,8 +556,7 @@ def run(args):
         if world > 1:
             dist.barrier()  # the merged pair is on disk: the shards can go
             remove([files["kept_shard"], files["pass_shard"]])
-    if world > 1:
-        dist.destroy_process_group()
+    common.end_distributed()  # every process past the removal, then the group is left
     if rank != 0:
         return None
 
