@@ -404,18 +404,22 @@ def roomy_layer():
     """A Hugging Face DynamicLayer (one layer's KV cache) that keeps room ahead: a decoding
     step writes its keys and values into the room instead of concatenating, which copies the
     whole cache, every layer, every token (a fifth of the sampling time of a small model on
-    a CPU). When the cache's rows change (repeated for a group, a finished row dropped) the
-    next step copies what is left into a new buffer, with room for `room` more tokens."""
+    a CPU). When the cache's rows change (a finished row dropped) the old buffer goes, and
+    the next step copies what is left into a new one, long enough for `end` tokens."""
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
-        room = 0
+        end = 0  # the longest the cache gets: prompt + completion
+
+        def batch_select_indices(self, indices):
+            self.buf = None  # freed now, not after every layer has its kept rows copied
+            super().batch_select_indices(indices)
 
         def update(self, key_states, value_states, *args, **kwargs):
             n, k = self.keys.shape[-2], key_states.shape[-2]
             buf = getattr(self, "buf", None)
             if buf is None or buf[0].data_ptr() != self.keys.data_ptr() or buf[0].shape[-2] < n + k:
-                shape = (*self.keys.shape[:-2], n + max(k, self.room), self.keys.shape[-1])
+                shape = (*self.keys.shape[:-2], max(n + k, self.end), self.keys.shape[-1])
                 buf = self.buf = (self.keys.new_empty(shape), self.values.new_empty(shape))
                 buf[0][..., :n, :], buf[1][..., :n, :] = self.keys, self.values
             buf[0][..., n:n + k, :], buf[1][..., n:n + k, :] = key_states, value_states
@@ -451,16 +455,19 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
                     position_ids=pos.clamp(min=0), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(group)  # (P, ...) -> (P*G, ...): the prompt is encoded once
-        for layer in getattr(cache, "layers", []):  # plain layers get room for the completion
+        layers = getattr(cache, "layers", [])
+        plain = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)  # full attention
+        for layer in layers:  # plain layers get room for the completion
             if type(layer).__name__ == "DynamicLayer" and layer.is_initialized:
-                layer.__class__, layer.room = roomy_layer(), max_new_tokens
+                layer.__class__, layer.end = roomy_layer(), layer.keys.shape[-2] + max_new_tokens
         logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (n, V), n rows still in the batch
         N, Lp = logits.shape[0], prompt_ids.shape[1]
         attn = torch.cat([prompt_mask.repeat_interleave(group, dim=0),  # (n, Lp + T), sliced as it grows
                           torch.ones(N, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
-        if getattr(model.config, "_attn_implementation", None) == "sdpa":  # the default attention
+        if plain and getattr(model.config, "_attn_implementation", None) == "sdpa":  # the default attention
             # a step's one query sees its row's every position but the left padding: made once as
             # SDPA's 4D mask and sliced, where Hugging Face would build it again for every token
+            # (not with sliding-window layers, whose caches keep only the window)
             attn = attn.bool()[:, None, None, :]  # (n, 1, 1, Lp + T)
         next_pos = pos[:, -1:].repeat_interleave(group, dim=0) + 1  # (n, 1)
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
@@ -477,7 +484,7 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
             ended = live & torch.isin(tok, eos_t)  # (n,) the rows this token ends
             changed = bool(eos) and bool(ended.any())  # one check a token, none when nothing can end
             done[rows] |= ended
-            finished = changed and bool(done.all())
+            finished = (changed or sync) and bool(done.all())
             if sync:
                 finished = all_sum([float(finished)], device)[0] == torch.distributed.get_world_size()
             if finished or t == max_new_tokens - 1:  # no forward pass whose logits go unused
@@ -970,6 +977,7 @@ def restore_optimizer(model, opt, state, path, world, weight_decay):
         opt.load_state_dict(state["optimizer"])
     for group in opt.param_groups:
         group["weight_decay"] = weight_decay
+        group["fused"], group["foreach"] = opt.defaults["fused"], opt.defaults["foreach"]  # this run's kernels
 
 
 def truncate_jsonl(path, step):

@@ -177,6 +177,38 @@ def test_finished_completions_leave_the_batch_without_changing_the_others(sharp,
     assert sizes == [2] + want and want[-1] < 8
 
 
+@pytest.mark.parametrize("attention, window", [("sdpa", None), ("eager", None), ("sdpa", 5)])
+def test_sampling_equals_decoding_without_a_cache(tiny, attention, window):
+    """The sampler's cache, positions and masks (its own 4D mask for SDPA, Hugging Face's for
+    eager attention and for sliding-window layers, whose caches keep only the window) give
+    the tokens of plain greedy decoding: the whole sequence through the model at every step."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    base, tok = tiny
+    fields = {k: v for k, v in base.config.to_dict().items() if k != "layer_types"}  # derived from the window
+    config = Qwen2Config(**{**fields, "use_sliding_window": window is not None, "sliding_window": window or 4096,
+                            "max_window_layers": 0})
+    config._attn_implementation = attention
+    assert ("sliding_attention" in config.layer_types) == (window is not None)
+    model = Qwen2ForCausalLM(config).eval()
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # context-sensitive, as the `sharp` fixture
+    prompts = encode(tok, ["12 + 34 =", "the answer is 7 so we get"])  # different lengths: left padding
+    out = common.sample(model, prompts, 2, 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    for p, prompt in enumerate(prompts):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(10):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+                if seq[-1] == tok.eos_token_id:
+                    break
+        want = seq[len(prompt):]
+        for g in range(2):
+            assert out["ids"][2 * p + g, :len(want)].tolist() == want
+
+
 def test_sample_next_top_p_keeps_the_smallest_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probs ~ .64 .24 .09 .03
     g = torch.Generator().manual_seed(0)
@@ -185,6 +217,33 @@ def test_sample_next_top_p_keeps_the_smallest_nucleus():
 
 
 # ------------------------------------------------------------------------- log-probs
+
+def test_chunked_logprobs_and_their_gradients_equal_the_textbook_ones(tiny, monkeypatch):
+    """One sequence a chunk (as a large vocabulary makes it), recomputed in the backward pass:
+    the values and the weights' gradients of plain log_softmax over the whole batch."""
+    model, tok = tiny
+    prompts = encode(tok, ["12 + 34 =", "the answer is 7", "1"])
+    completions = [[40, 41, 42, 43], [50, 51], [60, 61, 62]]
+    p_ids, p_mask, ids, mask = common.pad_batch(prompts, completions, tok.pad_token_id, "cpu")
+    weights = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.7, 1.1, 0, 0], [-1.0, 2.0, 0.3, 0]])
+
+    def grads(logp):
+        model.zero_grad()
+        (logp * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    monkeypatch.setattr(common, "LOGIT_CHUNK", 1)
+    got = common.completion_logprobs(model, p_ids, p_mask, ids, mask, temperature=0.7)
+    got_grads = grads(got)
+    x = torch.cat([p_ids, ids], 1)
+    attn = torch.cat([p_mask, mask], 1)
+    logits = model(input_ids=x, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    lp = (logits[:, p_ids.shape[1] - 1:-1] / 0.7).log_softmax(-1)
+    want = lp.gather(-1, ids[..., None]).squeeze(-1) * mask
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(got_grads, grads(want)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(g.abs().max() > 1e-3 for g in got_grads)
 
 def test_completion_logprobs_equal_full_sequence_forward(sharp):
     model, tok = sharp

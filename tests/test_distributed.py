@@ -232,7 +232,14 @@ def sharded_sampling(rank, world, port, out):
     eos = list(range(len(tok))) if rank == 0 else []
     got = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, eos, tok.pad_token_id,
                         generator=torch.Generator().manual_seed(rank))
-    torch.save({k: v for k, v in got.items()}, f"{out['path']}.{rank}")
+    # again, process 1's completions now all ending by their third token: both stop there
+    early = list(range(len(tok))) if rank == 0 else sorted(set(got["ids"][:, 2].tolist()))
+    passes = []
+    model.register_forward_hook(lambda *a: passes.append(1))
+    again = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, early, tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(rank))
+    torch.save({**got, "again": again, "passes": len(passes)}, f"{out['path']}.{rank}")
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -248,6 +255,9 @@ def test_sharded_sampling_keeps_every_process_in_step(tiny_dir, tmp_path):
     model, tok = common.load_model(tiny_dir)  # and the sharded model samples what the whole one does
     whole = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, [], tok.pad_token_id, generator=torch.Generator().manual_seed(1))
     assert torch.equal(whole["ids"], second["ids"])
+    last = int(second["again"]["mask"].sum(1).max()) - 1  # the step process 1's last completion ended on
+    assert not second["again"]["truncated"].any() and last <= 2
+    assert first["passes"] == second["passes"] == 1 + last  # the prompts' pass, then one a token until all end
 
 
 @pytest.mark.slow
