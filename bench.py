@@ -144,9 +144,13 @@ def run_nanor1(args, model_dir, data, device, work):
 
 
 def run_trl(args, model_dir, data, device, work):
-    from datasets import Dataset
+    try:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as e:
+        raise common.UserError(f"--peer trl: {e.name} is not installed in {sys.executable} (pip install trl, best in "
+                               "a virtual environment of its own, then --compare --peer-python ITS_PYTHON)") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     fmt = R.parse_rewards("format")
 

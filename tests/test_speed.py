@@ -3,6 +3,7 @@ bench.py's to measure): no forward pass whose result is unused, every completion
 --ignore-eos at full length, and bench.py running grpo.py's own loop."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -54,3 +55,10 @@ def test_bench_runs_grpo_and_reports_each_phase(tmp_path, capsys):
     assert "step " in capsys.readouterr().out
     trained = [json.loads(line) for line in open(next(tmp_path.glob("nanor1-*")) / "metrics.jsonl")][1:]
     assert [r["step"] for r in trained] == [1, 2] and all(r["len"] == 8 for r in trained)  # grpo.py's own records
+
+
+def test_bench_says_when_trl_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if not installed
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--peer", "trl", "--device", "cpu", "--steps", "1", "--work-dir", str(tmp_path)])
+    assert str(e.value.code).startswith("error: --peer trl: ") and "is not installed" in str(e.value.code)
