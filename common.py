@@ -4,8 +4,8 @@ Loading models and tokenizers (local folder, hub id or short name), building a t
 Qwen2-shaped model with a locally trained tokenizer, prompt formatting and encoding,
 batched sampling with a KV cache, scoring samples and evaluating pass@1, per-token
 log-probs, jsonl reading, device/dtype choice, a run's logs, atomic checkpoints and what
-exact resume needs, and the few collectives of several processes (torchrun). The
-algorithms themselves (advantages, losses, loops) live in the scripts.
+exact resume needs, the few collectives of several processes (torchrun), LoRA (peft) and
+FSDP2 sharding. The algorithms themselves (advantages, losses, loops) live in the scripts.
 """
 
 import contextlib
