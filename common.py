@@ -774,15 +774,6 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def adamw(model, lr, weight_decay):
-    """AdamW over the trainable parameters, with torch's fused kernel where there is one (CPU,
-    CUDA; on a 40M model on a CPU a step takes a third of the default's time), but not for
-    FSDP's sharded parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = params[0].device.type in ("cpu", "cuda") and not is_sharded(model)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
-
-
 def clip_gradients(model, max_norm):
     """Clip the trainable parameters' gradients to a total norm of `max_norm` (0: no clipping)
     -> the norm before clipping, a float (under FSDP, over every process's shards)."""

@@ -346,7 +346,8 @@ def train(args):
         if args.fsdp:  # and 1/N of the reference; it has no backward, so nothing stays gathered
             ref = common.shard(ref, device, keep_gathered=False)
     model.train()
-    opt = common.adamw(model, args.lr, args.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # own samples per process
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0

@@ -467,7 +467,8 @@ def train(args):
         model = common.shard(model, device)
         teacher = common.shard(teacher, device, keep_gathered=False) if teacher is not None else None
     model.train()
-    opt = common.adamw(model, args.lr, args.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # sampled evaluation only
     eos = common.eos_ids(model, tok)
     start = 0

@@ -83,7 +83,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_dir, data, tmp_p
     AdamW's first step is about lr * sign(gradient), which float noise can flip; with plain SGD
     at lr 1 the change of the weights is the gradient itself, so that is what we compare.
     """
-    monkeypatch.setattr(grpo.torch.optim, "AdamW", lambda params, lr, weight_decay, fused: torch.optim.SGD(params, lr=1.0))
+    monkeypatch.setattr(grpo.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=1.0))
     flags = ["--num-steps", "1", "--rewards", "digits", "--agg", agg, "--beta", "0.04", "--grad-clip", "0", *extra]
     run(tiny_dir, data, tmp_path / "one", *flags, "--micro-batch-size", "32")
     run(tiny_dir, data, tmp_path / "many", *flags, "--micro-batch-size", "5")
@@ -98,7 +98,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_dir, data, tmp_p
 def test_grad_checkpointing_gives_the_same_gradient(tiny_dir, data, tmp_path, toy, monkeypatch):
     from transformers.models.qwen2 import modeling_qwen2
 
-    monkeypatch.setattr(grpo.torch.optim, "AdamW", lambda params, lr, weight_decay, fused: torch.optim.SGD(params, lr=1.0))
+    monkeypatch.setattr(grpo.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=1.0))
     calls = []
     real = modeling_qwen2.Qwen2MLP.forward  # inside the checkpointed layer (patching the layer would unwrap it)
     monkeypatch.setattr(modeling_qwen2.Qwen2MLP, "forward",
