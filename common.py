@@ -968,7 +968,6 @@ def restore_optimizer(model, opt, state, path, world, weight_decay):
         opt.load_state_dict(state["optimizer"])
     for group in opt.param_groups:
         group["weight_decay"] = weight_decay
-        group["fused"], group["foreach"] = opt.defaults["fused"], opt.defaults["foreach"]  # this run's kernels
 
 
 def truncate_jsonl(path, step):
