@@ -36,8 +36,8 @@ import time
 
 import torch
 
-import common
 import rewards as R
+from nanor1 import common, models
 
 # model size presets (Qwen2 layout): hidden, layers, query heads, key/value heads, MLP width, vocabulary
 SIZES = {
@@ -94,9 +94,9 @@ def prepare(args, work):
     if args.model in SIZES:
         model_dir = os.path.join(work, f"model-{args.model}-seed{args.seed}")
         if not os.path.exists(os.path.join(model_dir, "config.json")):
-            tok = common.build_tiny_tokenizer()
+            tok = models.build_tiny_tokenizer()
             size = SIZES[args.model]
-            model = common.new_model(tok, max_positions=4096, seed=args.seed, **size)
+            model = models.new_model(tok, max_positions=4096, seed=args.seed, **size)
             model.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
     data = os.path.join(work, "prompts.jsonl")

@@ -45,17 +45,23 @@ would have (bitwise on CPU; tests/test_resume.py).
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import common
 import rewards as R
+from nanor1 import checkpoints, common, models, sampling
+
+# flags whose change on --resume makes the run differ from an uninterrupted one (a warning names them)
+RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "warmup_steps", "grad_clip",
+                  "prompts_per_step", "group", "temperature", "top_p", "rewards", "beta", "kl", "scale", "agg",
+                  "num_iterations"]
 
 
 def get_args(argv=None):
@@ -135,30 +141,20 @@ def get_args(argv=None):
     # contradictions fail here, naming the flag, before any model is loaded
     if args.group < 2:
         p.error("--group must be at least 2: a group of one has no baseline to compare with")
-    for flag in ["num_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size", "eval_samples"]:
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ["warmup_steps", "eval_every", "eval_prompts", "save_every", "save_total_limit", "sample_every",
-                 "ref_reset_every", "max_bad_steps"]:
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    common.check_ranges(p, args, ["num_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size",
+                                  "eval_samples", "max_sampling_rounds"],
+                        ["warmup_steps", "eval_every", "eval_prompts", "save_every", "save_total_limit", "sample_every",
+                         "ref_reset_every", "max_bad_steps", "lr", "weight_decay", "grad_clip", "beta", "lora_rank"])
     if args.temperature <= 0:
         p.error("--temperature must be > 0: greedy groups have no variance, and log-probs divide by it")
     if args.eval_temperature < 0:
         p.error("--eval-temperature must be >= 0 (0 = greedy)")
-    for flag in ["lr", "weight_decay", "grad_clip"]:
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be >= 0")
     if not 0 < args.top_p <= 1 or not 0 < args.eval_top_p <= 1:
         p.error("--top-p and --eval-top-p must be in (0, 1]")
     if args.clip_low < 0 or args.clip_high < 0:
         p.error("--clip-low and --clip-high must be >= 0 (R1 uses 10: no clipping in practice)")
-    if args.beta < 0:
-        p.error("--beta must be >= 0")
     if args.ref_reset_every and args.beta == 0:
         p.error("--ref-reset-every needs --beta > 0: at --beta 0 no reference model is loaded")
-    if args.lora_rank < 0:
-        p.error("--lora-rank must be 0 (off) or more")
     if args.lora_rank and args.ref_reset_every:
         p.error("--ref-reset-every with --lora-rank: the reference is the base with the adapters off, which never moves")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -168,8 +164,6 @@ def get_args(argv=None):
                 "processes would run different numbers of forward passes, which FSDP's gathers cannot)")
     if (args.eval_every or args.eval_prompts) and not args.eval_data:
         p.error("--eval-every and --eval-prompts need --eval-data")
-    if args.max_sampling_rounds < 1:
-        p.error("--max-sampling-rounds must be at least 1")
     try:
         R.parse_rewards(args.rewards)
     except ValueError as e:
@@ -208,6 +202,57 @@ def group_advantages(rewards, group_size, scale="std", eps=1e-4):
     elif scale != "none":
         raise ValueError(f"scale must be 'std' or 'none', not {scale!r}")
     return adv.view(-1)  # (N,)
+
+
+def pad_batch(prompts, completions, pad_id, device):
+    """Token-id lists -> prompt_ids, prompt_mask (B, Lp) padded on the left and
+    ids, mask (B, T) padded on the right: each micro-batch is padded only to its own lengths."""
+    prompt_ids, prompt_mask = sampling.left_pad(prompts, pad_id, device)
+    T = max(1, max(len(c) for c in completions))
+    ids = torch.tensor([c + [pad_id] * (T - len(c)) for c in completions], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completions], dtype=torch.long, device=device)
+    return prompt_ids, prompt_mask, ids, mask
+
+
+LOGIT_CHUNK = 2**24  # float32 entries of the logits turned into log-probs at once (64 MiB)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1.0,
+                        with_entropy=False):
+    """Log-probs (B, T) of completion tokens `ids` given left-padded prompts, in one forward.
+
+    Logits are divided by the sampling temperature so that the probabilities are those of
+    the distribution that was sampled. Only the T completion positions reach the LM head.
+    Log-softmax runs on chunks of whole sequences, about LOGIT_CHUNK entries each (one
+    sequence at least), and is recomputed in the backward pass: at most one chunk's float32
+    copy of the logits exists at a time, in the forward and in the backward pass, beside
+    the model's own logits. Padding positions get 0. Gradients flow unless the caller is
+    under torch.no_grad(). Returns logp, or (logp, entropy) with with_entropy.
+    """
+    B, T = ids.shape
+    input_ids = torch.cat([prompt_ids, ids], dim=1)  # (B, Lp + T)
+    attn = torch.cat([prompt_mask, mask], dim=1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding takes no positions
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
+                   use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V)
+
+    def chunk_logp(x, target):  # (b, T, V), (b, T) -> (b, T)
+        x = x.float() / temperature
+        return x.gather(-1, target[..., None]).squeeze(-1) - x.logsumexp(-1)
+
+    rows = max(1, LOGIT_CHUNK // (T * logits.shape[-1]))  # sequences per chunk
+    logps, ents = [], []
+    for x, target in zip(logits.split(rows), ids.split(rows)):  # split, not x[i]: no full-size zeros per backward
+        grad = torch.is_grad_enabled() and x.requires_grad
+        logps.append(checkpoint(chunk_logp, x, target, use_reentrant=False) if grad else chunk_logp(x, target))
+        if with_entropy:
+            with torch.no_grad():
+                z = x.float() / temperature
+                ents.append(z.logsumexp(-1) - (torch.softmax(z, -1) * z).sum(-1))
+    logp = torch.cat(logps).masked_fill(mask == 0, 0.0)
+    if not with_entropy:
+        return logp
+    return logp, torch.cat(ents).masked_fill(mask == 0, 0.0)
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, beta=0.04,
@@ -261,7 +306,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
 
 
 # ----------------------------------------------------------------------------------------
-# data order (sampling and scoring are common.rollout, which sft.py's evaluation shares)
+# data order
 
 
 def next_prompts(num_examples, state, k, seed):
@@ -283,121 +328,199 @@ def reward_defaults(args):
 
 
 # ----------------------------------------------------------------------------------------
-# training
+# the run's pieces, in the order train() uses them: models and data, then a step's metrics,
+# its log line and its warnings (sampling and scoring are nanor1/sampling.py's rollout)
+
+
+def load_policy(args, device, resumed):
+    """The policy and its tokenizer, in float32 master weights (--dtype is for compute). A
+    resumed run takes the weights from its checkpoint, with LoRA only the adapters. Under
+    FSDP the whole model comes to the CPU first, to be sharded by add_reference."""
+    load_on = torch.device("cpu") if args.fsdp else device
+    model, tok = models.load_model(resumed if resumed and not args.lora_rank else args.model, load_on, torch.float32)
+    if args.lora_rank:  # a frozen base with adapters; a resumed run takes the adapters from its checkpoint
+        model = models.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
+    return model, tok
+
+
+def load_data(args, tok, model):
+    """The training prompts and the held-out ones, formatted and encoded -> (examples, ids,
+    eval examples, eval ids). Every line must carry what the rewards read ("answer", "tests")."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    need = sorted({R.NEEDS[name] for name, _, _ in R.parse_rewards(args.rewards) if name in R.NEEDS})
+    examples, ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need)
+    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context,
+                                                   ["answer"], args.eval_prompts) if args.eval_data else ([], []))
+    common.print0(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
+    return examples, ids, eval_examples, eval_ids
+
+
+def add_reference(args, model, device, resumed, state):
+    """The memory savers on the policy, then the frozen reference -> (policy, reference).
+    No reference at --beta 0, nor with LoRA: then the base with its adapters off is the
+    reference. Under FSDP each process keeps 1/N of the policy, its gradients and AdamW
+    state, and of the reference; the policy is sharded before the reference is loaded."""
+    if args.grad_checkpointing:
+        models.enable_grad_checkpointing(model)
+    if args.fsdp:
+        model = common.shard(model, device)
+    ref = None
+    if args.beta > 0 and not args.lora_rank:  # a frozen copy of the initial policy
+        # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1. A resumed
+        # policy has moved on: the reference is --model, or where --ref-reset-every moved it
+        moved = state["ref"] if state else None
+        if args.fsdp or (resumed and moved is None):
+            load_on = torch.device("cpu") if args.fsdp else device
+            ref = models.load_model(args.model, load_on, torch.float32, tokenizer=False)[0]
+        else:
+            ref = copy.deepcopy(model)
+        if moved is not None:
+            ref.load_state_dict(moved)
+        ref.eval().requires_grad_(False)
+        if args.fsdp:  # it has no backward pass, so nothing of it stays gathered
+            ref = common.shard(ref, device, keep_gathered=False)
+    model.train()
+    return model, ref
+
+
+def step_metrics(step, sampled, rewards_names, G):
+    """The step's record of what was sampled, over every process's samples: the reward and
+    each part, accuracy (logged even when not trained on), length, truncation, zero_var."""
+    seen = [{"reward": r["reward"], "parts": r["parts"], "len": len(r["completion"]), "trunc": r["truncated"]}
+            for r in sampled]
+    if "accuracy" not in rewards_names and all("answer" in r["example"] for r in sampled):
+        check = R.parse_rewards("accuracy")  # e.g. under --rewards format
+        scored = R.score_many([r["text"] for r in sampled], [r["example"] for r in sampled], check)
+        for x, (total, _, _) in zip(seen, scored):
+            x["accuracy"] = total
+    seen = common.all_gather(seen)  # (rounds * P * G,) in rank order, groups whole
+    rewards_t = torch.tensor([x["reward"] for x in seen])
+    record = {"step": step, "reward": rewards_t.mean().item()}
+    for name in rewards_names:
+        record[name] = float(np.mean([x["parts"][name] for x in seen]))
+    if "accuracy" not in record and all("accuracy" in x for x in seen):
+        record["accuracy"] = float(np.mean([x["accuracy"] for x in seen]))
+    record["len"] = float(np.mean([x["len"] for x in seen]))
+    record["trunc"] = float(np.mean([x["trunc"] for x in seen]))
+    record["zero_var"] = (rewards_t.view(-1, G).std(dim=1) == 0).float().mean().item()  # groups that teach nothing
+    return record
+
+
+def show(value, spec):
+    """A metric for the log line; '-' when there is none (a step without an update)."""
+    return "-" if value is None else format(value, spec)
+
+
+def log_line(record, args, rewards_names):
+    """The step's one line, its keys always in this order."""
+    line = f"step {record['step']}/{args.num_steps} | reward {record['reward']:.3f}"
+    shown = rewards_names + ([] if "accuracy" in rewards_names else ["accuracy"])
+    line += "".join(f" | {name} {record[name]:.3f}" for name in shown if name in record)
+    line += f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {record['zero_var']:.2f}"
+    if args.dynamic_sampling:
+        line += f" | rounds {record['rounds']} | groups {record['groups']}/{args.prompts_per_step}"
+    return line + (f" | kl {show(record['kl'], '.4f')} | clip {show(record['clip'], '.3f')}"
+                   f" | ent {show(record['entropy'], '.2f')} | gnorm {show(record['gnorm'], '.3f')}"
+                   f" | lr {record['lr']:.1e} | {record['tok/s']:.0f} tok/s | {record['s']:.1f}s")
+
+
+def warn_about(record, args, last_warned):
+    """Warn about the signs of a run that cannot learn that this step shows, each at most every
+    20 steps; last_warned: {sign: the step it was last warned about}."""
+    out = []
+    if record["trunc"] > 0.5:
+        out.append(("trunc", f"{record['trunc']:.0%} of completions hit --max-new-tokens {args.max_new_tokens} "
+                             "without ending; their rewards are usually 0: raise the limit"))
+    if args.dynamic_sampling and record["groups"] < args.prompts_per_step:
+        out.append(("rounds", f"only {record['groups']} of {args.prompts_per_step} groups had reward variance "
+                              f"after {record['rounds']} rounds (--max-sampling-rounds); the step trained on those"))
+    if record["zero_var"] > 0.5:
+        out.append(("zero_var", f"{record['zero_var']:.0%} of groups have equal rewards and teach nothing: the task "
+                                "is too hard or too easy; try a larger --group or --dynamic-sampling"))
+    for key, message in out:
+        if record["step"] - last_warned.get(key, -20) >= 20:
+            last_warned[key] = record["step"]
+            common.print0(f"warning: {message}")
+
+
+def write_samples(path, step, rows):
+    """Append rows' completions to samples.jsonl, with their prompt, answer and rewards, to read."""
+    for r in rows:
+        common.append_jsonl(path, {"step": step, "prompt": r["example"]["prompt"], "answer": r["example"].get("answer"),
+                                   "completion": r["text"], "reward": r["reward"], "parts": r["parts"],
+                                   "num_tokens": len(r["completion"]), "truncated": r["truncated"]})
+
+
+# ----------------------------------------------------------------------------------------
+# training: each step samples, scores, computes advantages, updates, logs; then evaluates
+# and saves on their cadence
 
 
 def train(args):
-    common.seed_everything(args.seed)
     # under torchrun each process samples its own share of the prompts; the gradients are
     # summed across processes, so every process takes the same step; only process 0 writes
-    rank, world, device = common.init_distributed(args.device)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    note = tqdm.write if rank == 0 else say
-    dtype = common.pick_dtype(args.dtype, device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise common.UserError(f"--out {args.out}: exists and is not a folder")
+    rank, world, device, dtype = common.start_run(args)
     os.makedirs(args.out, exist_ok=True)
     rewards = R.parse_rewards(args.rewards)
     rewards_names = [name for name, _, _ in rewards]
     P, G = args.prompts_per_step, args.group
     Pr = P // world  # prompts per process
     num_micro = math.ceil(Pr * G / args.micro_batch_size)
-    say(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} processes)"
-        if world > 1 else "") + f", {num_micro} micro-batches of {args.micro_batch_size}, {args.num_iterations} "
-        f"update(s) per step, {args.num_steps} steps on {device} in {str(dtype).removeprefix('torch.')}")
+    common.print0(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} "
+                  f"processes)" if world > 1 else "") + f", {num_micro} micro-batches of {args.micro_batch_size}, "
+                  f"{args.num_iterations} update(s) per step, {args.num_steps} steps on {device} in "
+                  f"{str(dtype).removeprefix('torch.')}")
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
-    resumed, state = common.resume_from(args.out, args.resume, vars(args)) if args.resume else (None, None)
-    # master weights in float32 (dtype is for compute); under FSDP on the CPU until sharded
-    load_on = torch.device("cpu") if args.fsdp else device
-    model, tok = common.load_model(resumed if resumed and not args.lora_rank else args.model, load_on, torch.float32)
-    if args.lora_rank:  # a frozen base with adapters; a resumed run takes the adapters from its checkpoint
-        model = common.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
-
-    def amp():
-        return common.autocast(device, dtype)
-
-    eos = common.eos_ids(model, tok)
-    context = getattr(model.config, "max_position_embeddings", None)
-    need = sorted({R.NEEDS[name] for name in rewards_names if name in R.NEEDS})  # e.g. "answer", "tests"
-    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need)
-    eval_examples, eval_ids = [], []
-    if args.eval_data:
-        eval_examples, eval_ids = common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context, ["answer"])
-        if args.eval_prompts:
-            eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
-    say(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
-    if args.grad_checkpointing:
-        common.enable_grad_checkpointing(model)
-    if args.fsdp:  # each process keeps 1/N of the policy, of its gradients and AdamW state (the whole copy is freed)
-        model = common.shard(model, device)
-    ref = None  # none when beta is 0, or with LoRA: then the base with its adapters off is the reference
-    if args.beta > 0 and not args.lora_rank:  # a frozen copy of the initial policy
-        # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1. A resumed
-        # policy has moved on: the reference is --model, or where --ref-reset-every moved it
-        moved = state["ref"] if state else None
-        if args.fsdp or (resumed and moved is None):
-            ref = common.load_model(args.model, load_on, torch.float32, tokenizer=False)[0]
-        else:
-            ref = copy.deepcopy(model)
-        if moved is not None:
-            ref.load_state_dict(moved)
-        ref.eval().requires_grad_(False)
-        if args.fsdp:  # and 1/N of the reference; it has no backward, so nothing stays gathered
-            ref = common.shard(ref, device, keep_gathered=False)
-    model.train()
+    resumed, state = (checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED) if args.resume
+                      else (None, None))
+    model, tok = load_policy(args, device, resumed)
+    eos = models.eos_ids(model, tok)
+    examples, prompt_ids, eval_examples, eval_ids = load_data(args, tok, model)
+    model, ref = add_reference(args, model, device, resumed, state)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # own samples per process
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0
     if state:
-        common.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
+        checkpoints.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
         data_state, start = state["data"], state["step"]
         for name in ["metrics.jsonl", "samples.jsonl"] if rank == 0 else []:  # logged after the checkpoint: redone
-            common.truncate_jsonl(os.path.join(args.out, name), start)
-        say(f"resuming from {resumed} after step {start}")
+            checkpoints.truncate_jsonl(os.path.join(args.out, name), start)
+        common.print0(f"resuming from {resumed} after step {start}")
 
-    # logging
+    amp = functools.partial(common.autocast, device, dtype)  # with amp(): compute in --dtype
     flags = vars(args)
     log, finish = common.open_run(args.out, flags, args.wandb_project) if rank == 0 else (lambda *a: None, lambda: None)
-    last_warned = {}
-
-    def warn_every(key, step, message, every=20):
-        if step - last_warned.get(key, -every) >= every:
-            last_warned[key] = step
-            note(f"warning: {message}")
 
     def run_eval(step):  # on process 0 only, the others going on; under FSDP every process takes part
         if rank and not args.fsdp:
             return
         with amp():
-            ev = common.evaluate(model, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
-                                 args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                                 args.prompts_per_step, reward_defaults(args), note)
+            ev = sampling.evaluate(model, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
+                                   args.max_new_tokens, args.eval_temperature, args.eval_top_p,
+                                   args.prompts_per_step, reward_defaults(args), common.print0)
         log(step, {"step": step, **ev})
-        note(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
-                   f" | len {ev['eval_len']:.0f}")
+        common.print0(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
+                      f" | len {ev['eval_len']:.0f}")
 
     if eval_examples and not start:
         run_eval(0)
     if state:  # last: nothing above may draw from the random streams the next step continues
-        common.set_rng_state(state["rng"][rank], [generator, eval_generator])
+        checkpoints.set_rng_state(state["rng"][rank], [generator, eval_generator])
 
-    history, bad_steps = [], 0
-    def clock():  # the time at a phase's end; on a GPU, once the phase's queued kernels have run
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.time()
-
+    clock = functools.partial(common.clock, device)
+    history, bad_steps, last_warned = [], 0, {}
     for step in tqdm(range(start + 1, args.num_steps + 1), desc="grpo", dynamic_ncols=True,
                      initial=start, total=args.num_steps, disable=rank > 0):
         t0, timings = clock(), {"sample": 0.0, "score": 0.0}
         if ref is not None and args.ref_reset_every and step > 1 and (step - 1) % args.ref_reset_every == 0:
             ref.load_state_dict(model.state_dict())  # DeepSeekMath's iterative RL: new reference
 
-        # 1. sample and score this process's share of the prompts; with dynamic sampling keep
-        # only groups with reward variance, and sample more rounds while any process needs some
+        # 1. sample and score this process's share of the prompts, G completions each; with
+        # dynamic sampling keep only groups with reward variance, and sample more rounds while
+        # any process needs some
         sampled, batch, rounds = [], [], 0
         max_rounds = args.max_sampling_rounds if args.dynamic_sampling else 1
         while rounds < max_rounds and common.all_sum([len(batch) < Pr * G], device)[0]:
@@ -406,9 +529,10 @@ def train(args):
             if len(batch) == Pr * G:
                 continue  # this process is full; the data order still moves on with the others'
             with amp():
-                rows = common.rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
-                                      args.max_new_tokens, args.temperature, args.top_p, [] if args.ignore_eos else eos,
-                                      rewards, generator, reward_defaults(args), warn=note, timings=timings)
+                rows = sampling.rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
+                                        args.max_new_tokens, args.temperature, args.top_p,
+                                        [] if args.ignore_eos else eos, rewards, generator, reward_defaults(args),
+                                        warn=common.print0, timings=timings)  # (Pr * G,) prompt-major
             sampled += rows
             for g in range(Pr):
                 group = rows[g * G:(g + 1) * G]
@@ -417,29 +541,12 @@ def train(args):
                     batch += group
 
         # 2. the step's metrics, over every process's samples
-        seen = [{"reward": r["reward"], "parts": r["parts"], "len": len(r["completion"]), "trunc": r["truncated"]}
-                for r in sampled]
-        if "accuracy" not in rewards_names and all("answer" in r["example"] for r in sampled):
-            # accuracy is logged even when it is not trained on (for example --rewards format)
-            check = R.parse_rewards("accuracy")
-            scored = R.score_many([r["text"] for r in sampled], [r["example"] for r in sampled], check)
-            for x, (total, _, _) in zip(seen, scored):
-                x["accuracy"] = total
-        seen = common.all_gather(seen)  # (rounds * P * G,) in rank order, groups whole
-        rewards_t = torch.tensor([x["reward"] for x in seen])
-        zero_var = (rewards_t.view(-1, G).std(dim=1) == 0).float().mean().item()
-        record = {"step": step, "reward": rewards_t.mean().item()}
-        for name in rewards_names:
-            record[name] = float(np.mean([x["parts"][name] for x in seen]))
-        if "accuracy" not in record and all("accuracy" in x for x in seen):
-            record["accuracy"] = float(np.mean([x["accuracy"] for x in seen]))
-        record["len"] = float(np.mean([x["len"] for x in seen]))
-        record["trunc"] = float(np.mean([x["trunc"] for x in seen]))
-        record["zero_var"] = zero_var
+        record = step_metrics(step, sampled, rewards_names, G)
         if args.dynamic_sampling:
             record["rounds"], record["groups"] = rounds, int(common.all_sum([len(batch) // G], device)[0])
 
-        # 3. the update: --num-iterations passes over the batch, one optimizer step each
+        # 3. the update: advantages per group, then --num-iterations passes over the batch in
+        # micro-batches, one optimizer step each
         sums = {"kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
         n_tok_logged, gnorm, skipped = 0, float("nan"), False
         lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
@@ -455,10 +562,9 @@ def train(args):
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]["completion"]))
         micro = [order[s:s + args.micro_batch_size] for s in range(0, len(order), args.micro_batch_size)]
 
-        def tensors(ix):
-            p_ids, p_mask, ids, mask = common.pad_batch([batch[i]["prompt"] for i in ix],
-                                                        [batch[i]["completion"] for i in ix],
-                                                        tok.pad_token_id, device)
+        def tensors(ix):  # (b, Lp) prompts padded on the left, (b, T) completions on the right
+            p_ids, p_mask, ids, mask = pad_batch([batch[i]["prompt"] for i in ix], [batch[i]["completion"] for i in ix],
+                                                 tok.pad_token_id, device)
             keep = torch.tensor([use[i] for i in ix], device=device)
             return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
 
@@ -468,8 +574,7 @@ def train(args):
             off = model.disable_adapter() if args.lora_rank else contextlib.nullcontext()
             with torch.inference_mode(), amp(), off:
                 for j, ix in enumerate(micro):
-                    ref_logps[j] = common.completion_logprobs(model if ref is None else ref, *tensors(ix),
-                                                              args.temperature)
+                    ref_logps[j] = completion_logprobs(model if ref is None else ref, *tensors(ix), args.temperature)
         t_update = clock()
         old_logps = [None] * len(micro)
         for it in range(args.num_iterations if total_seq else 0):
@@ -477,8 +582,8 @@ def train(args):
             for j, ix in enumerate(micro):
                 p_ids, p_mask, ids, mask = tensors(ix)
                 with amp():
-                    logp, ent = common.completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
-                                                           with_entropy=True)
+                    logp, ent = completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
+                                                    with_entropy=True)  # (b, T) each
                 if it == 0:  # pi_old: the weights that sampled, not yet updated
                     old_logps[j] = logp.detach()
                 loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low,
@@ -493,55 +598,32 @@ def train(args):
             common.sum_gradients(model)  # every process now holds the whole batch's gradient
             gnorm = common.clip_gradients(model, args.grad_clip)
             if not math.isfinite(gnorm):  # a non-finite loss makes a non-finite gradient too
-                note(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
+                common.print0(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
                 opt.zero_grad(set_to_none=True)
                 skipped = True
                 continue
             opt.step()
         *totals, n_tok_logged, n_sampled = common.all_sum(
             [*sums.values(), n_tok_logged, sum(len(r["completion"]) for r in sampled)], device)
-        sums = dict(zip(sums, totals))
-        for k in sums:  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
-            record[k] = sums[k] / n_tok_logged if n_tok_logged else None
+        for k, total in zip(sums, totals):  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
+            record[k] = total / n_tok_logged if n_tok_logged else None
         record["gnorm"] = gnorm if math.isfinite(gnorm) else None
         record["lr"] = lr
         t_end = clock()
-        seconds = t_end - t0
-        record["tok/s"] = n_sampled / seconds  # generated tokens, all processes
+        record["tok/s"] = n_sampled / (t_end - t0)  # generated tokens, all processes
         # where the step's time went (process 0's): sampling, scoring, the reference's log-probs, the update
         record.update({"sample_s": timings["sample"], "score_s": timings["score"], "ref_s": t_update - t_ref,
-                       "update_s": t_end - t_update, "s": seconds})
+                       "update_s": t_end - t_update, "s": t_end - t0})
 
-        # 4. log: one line, one jsonl record, a few completions to read, warnings
-        line = f"step {step}/{args.num_steps} | reward {record['reward']:.3f}"
-        shown = rewards_names + ([] if "accuracy" in rewards_names else ["accuracy"])
-        line += "".join(f" | {name} {record[name]:.3f}" for name in shown if name in record)
-        line += f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {zero_var:.2f}"
-        if args.dynamic_sampling:
-            line += f" | rounds {rounds} | groups {record['groups']}/{P}"
-        line += (f" | kl {show(record['kl'], '.4f')} | clip {show(record['clip'], '.3f')}"
-                 f" | ent {show(record['entropy'], '.2f')} | gnorm {show(record['gnorm'], '.3f')}"
-                 f" | lr {lr:.1e} | {record['tok/s']:.0f} tok/s | {seconds:.1f}s")
-        note(line)
+        # 4. log: one line, one jsonl record, warnings, a few completions to read
+        common.print0(log_line(record, args, rewards_names))
         log(step, record)
         history.append(record)
         bad_steps = bad_steps + 1 if skipped else 0
         common.stop_if_bad(bad_steps, args.max_bad_steps)
-        if record["trunc"] > 0.5:
-            warn_every("trunc", step, f"{record['trunc']:.0%} of completions hit --max-new-tokens "
-                       f"{args.max_new_tokens} without ending; their rewards are usually 0: raise the limit")
-        if args.dynamic_sampling and record["groups"] < P:
-            warn_every("rounds", step, f"only {record['groups']} of {P} groups had reward variance after "
-                       f"{rounds} rounds (--max-sampling-rounds); the step trained on those")
-        if zero_var > 0.5:
-            warn_every("zero_var", step, f"{zero_var:.0%} of groups have equal rewards and teach nothing: "
-                       "the task is too hard or too easy; try a larger --group or --dynamic-sampling")
+        warn_about(record, args, last_warned)
         if args.sample_every and step % args.sample_every == 0 and rank == 0:
-            for r in sampled[:G]:
-                common.append_jsonl(os.path.join(args.out, "samples.jsonl"), {
-                    "step": step, "prompt": r["example"]["prompt"], "answer": r["example"].get("answer"),
-                    "completion": r["text"], "reward": r["reward"], "parts": r["parts"],
-                    "num_tokens": len(r["completion"]), "truncated": r["truncated"]})
+            write_samples(os.path.join(args.out, "samples.jsonl"), step, sampled[:G])
 
         # 5. evaluate and save on their cadence, and at the end
         last = step == args.num_steps
@@ -550,21 +632,16 @@ def train(args):
         if (args.save_every and step % args.save_every == 0) or last:
             # everything the next step depends on, so that a resumed run trains exactly as this one
             # (the weights, optimizer and data order are the same in every process)
-            path = common.save_training_checkpoint(
+            path = checkpoints.save_training_checkpoint(
                 args.out, step, model, opt, tok, flags,
                 {"data": dict(data_state),
                  "ref": common.full_state_dict(ref) if ref is not None and args.ref_reset_every else None},
                 [generator, eval_generator], args.save_total_limit, rank)
             if path:
-                note(f"saved {path}")
+                common.print0(f"saved {path}")
     finish()
     common.end_distributed()
     return history
-
-
-def show(value, spec):
-    """A metric for the log line; '-' when there is none (a step without an update)."""
-    return "-" if value is None else format(value, spec)
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ size and number of processes included), writes exactly the files an uninterrupte
 Deliberate simplifications:
 - a sample is correct when the first of accuracy, cosine, code, code_strict named in
   --rewards says so (accuracy 1, all tests passed, cosine > 0);
-- the majority vote groups extracted answers by rewards.math_equal against the first
+- the majority vote groups extracted answers by grader.math_equal against the first
   answer of each group; samples without an answer do not vote; truncated samples are
   judged like the others (as the accuracy reward judges them) for pass@k and cons@k;
 - duplicates are exact matches after collapsing whitespace;
@@ -48,8 +48,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
 import rewards as R
+from nanor1 import common, grader, models, sampling
 
 # the reward that decides "correct", and the value that counts as correct
 CORRECT = {"accuracy": lambda v: v >= 1, "code": lambda v: v >= 1, "code_strict": lambda v: v >= 1,
@@ -107,12 +107,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
 
     # contradictions fail here, naming the flag, before any model is loaded
-    for flag in ["num_samples", "prompts_per_batch", "max_new_tokens"]:
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ["max_prompts", "max_kept_tokens", "keep_per_prompt"]:
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    common.check_ranges(p, args, ["num_samples", "prompts_per_batch", "max_new_tokens"],
+                        ["max_prompts", "max_kept_tokens", "keep_per_prompt"])
     if not args.temperature >= 0 or not math.isfinite(args.temperature):
         p.error("--temperature must be a number >= 0 (0 = greedy)")
     if args.temperature == 0 and args.num_samples > 1:
@@ -157,7 +153,7 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority_vote(answers, gold, equal=R.math_equal):
+def majority_vote(answers, gold, equal=grader.math_equal):
     """cons@k of one prompt -> (the most frequent answer, whether it equals gold).
 
     answers: each sample's extracted answer, None when it has none (no vote). Answers with
@@ -296,7 +292,7 @@ def judge_prompt(index, ex, rows, args, correct_name):
     dropped.update(more)
     cons_answer = cons_correct = None
     if "answer" in ex:
-        answers = [R.extract_answer(s["text"]) for s in samples]  # as the accuracy reward extracts them
+        answers = [grader.extract_answer(s["text"]) for s in samples]  # as the accuracy reward extracts them
         cons_answer, cons_correct = majority_vote(answers, ex["answer"])
     num_correct = sum(s["correct"] for s in samples)
     record = {k: v for k, v in ex.items() if k != "_where"}  # the prompt's own fields: valid grpo.py data
@@ -425,6 +421,39 @@ def remove(paths):
             os.remove(path)
 
 
+def resume_files(args, files, examples, rank, world):
+    """Repair and resume what an earlier run left -> the indices of the prompts already done.
+    Process 0 folds into the main pair every shard it can see (left by a killed torchrun run);
+    then under torchrun each process resumes its own shard pair, which may be on a disk
+    process 0 cannot see."""
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    main_done = None
+    if rank == 0:
+        if args.overwrite:
+            remove([files["kept"], files["pass"], files["report"]] +
+                   [path for pair in shard_files(files["base"]) for path in pair])
+        write_atomic(files["run"], json.dumps(vars(args), indent=2) + "\n")
+        prompts = read_pair(files["kept"], files["pass"])
+        shards = shard_files(files["base"])
+        for kept_path, pass_path in shards:
+            for i, lines in read_pair(kept_path, pass_path).items():
+                prompts.setdefault(i, lines)
+        check_prompts(prompts, examples, args.out)
+        write_pair(files["kept"], files["pass"], prompts)
+        remove([path for pair in shards for path in pair])
+        main_done = sorted(prompts)
+    if world == 1:
+        return set(main_done)
+    box = [main_done]
+    dist.broadcast_object_list(box, src=0)  # also a barrier: no shard is touched before the fold
+    if args.overwrite:
+        remove([files["kept_shard"], files["pass_shard"]])
+    own = read_pair(files["kept_shard"], files["pass_shard"])
+    check_prompts(own, examples, args.out)
+    write_pair(files["kept_shard"], files["pass_shard"], own)
+    return set(box[0]) | set(own)
+
+
 # ----------------------------------------------------------------------------------------
 # the run
 
@@ -452,49 +481,17 @@ def run(args):
     k, P = args.num_samples, args.prompts_per_batch
 
     # model and data
-    model, tok = common.load_model(args.model, device, dtype)  # no training: weights in the compute dtype
-    eos = common.eos_ids(model, tok)
+    model, tok = models.load_model(args.model, device, dtype)  # no training: weights in the compute dtype
+    eos = models.eos_ids(model, tok)
     context = getattr(model.config, "max_position_embeddings", None)
     need = sorted({R.NEEDS[name] for name in names if name in R.NEEDS})
-    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need)
-    if args.max_prompts:
-        examples, prompt_ids = examples[: args.max_prompts], prompt_ids[: args.max_prompts]
+    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need,
+                                               args.max_prompts)
     for ex in examples:  # checked now, not when a sample of that prompt first needs it
         if ex.get("lang") and ex["lang"] not in R.SCRIPTS:
             raise common.UserError(f"{ex['_where']}: unknown language {ex['lang']!r} (known: {', '.join(sorted(R.SCRIPTS))})")
 
-    # files: repair and resume what an earlier run left. Process 0 folds into the main pair
-    # every shard it can see (left by a killed torchrun run); then under torchrun each
-    # process resumes its own shard pair, which may be on a disk process 0 cannot see.
-    done = set()
-    if files:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        main_done = None
-        if rank == 0:
-            if args.overwrite:
-                remove([files["kept"], files["pass"], files["report"]] +
-                       [path for pair in shard_files(files["base"]) for path in pair])
-            write_atomic(files["run"], json.dumps(vars(args), indent=2) + "\n")
-            prompts = read_pair(files["kept"], files["pass"])
-            shards = shard_files(files["base"])
-            for kept_path, pass_path in shards:
-                for i, lines in read_pair(kept_path, pass_path).items():
-                    prompts.setdefault(i, lines)
-            check_prompts(prompts, examples, args.out)
-            write_pair(files["kept"], files["pass"], prompts)
-            remove([path for pair in shards for path in pair])
-            main_done = sorted(prompts)
-        if world > 1:
-            box = [main_done]
-            dist.broadcast_object_list(box, src=0)  # also a barrier: no shard is touched before the fold
-            if args.overwrite:
-                remove([files["kept_shard"], files["pass_shard"]])
-            own = read_pair(files["kept_shard"], files["pass_shard"])
-            check_prompts(own, examples, args.out)
-            write_pair(files["kept_shard"], files["pass_shard"], own)
-            done = set(box[0]) | set(own)
-        else:
-            done = set(main_done)
+    done = resume_files(args, files, examples, rank, world) if files else set()  # prompts done earlier
 
     mine = [i for i in range(len(examples)) if i % world == rank]  # this process's prompts
     if rank == 0:
@@ -519,7 +516,7 @@ def run(args):
             # numbers, seeded by --seed and its first prompt, are those of an uninterrupted run
             seed = int(np.random.SeedSequence([args.seed, batch[0]]).generate_state(1)[0])
             generator = torch.Generator(device=device).manual_seed(seed)
-            rows = common.rollout(model, tok, [examples[i] for i in batch], [prompt_ids[i] for i in batch], k,
+            rows = sampling.rollout(model, tok, [examples[i] for i in batch], [prompt_ids[i] for i in batch], k,
                                   args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
                                   {"lang": args.lang}, warn)  # (P*k,) rows, prompt-major
             judged = list(pool.map(lambda j: judge_prompt(batch[j], examples[batch[j]], rows[j * k:(j + 1) * k],

@@ -40,6 +40,7 @@ and the learning rate follow from it) and every random state (tests/test_resume.
 """
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -50,7 +51,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import common
+from nanor1 import checkpoints, common, models, sampling
+
+# flags whose change on --resume makes the run differ from an uninterrupted one (a warning names them)
+RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "warmup_steps", "grad_clip",
+                  "batch_size", "epochs", "min_lr_ratio", "kd_weight", "teacher"]
 
 
 def get_args(argv=None):
@@ -133,23 +138,16 @@ def get_args(argv=None):
         p.error("--tokenizer is only for --init scratch; a pretrained model brings its own")
     if args.max_len is not None and args.max_len < 2:
         p.error("--max-len must be at least 2")
-    for flag in ["hidden", "layers", "heads", "kv_heads", "mlp", "context", "batch_size",
-                 "micro_batch_size", "eval_samples", "max_new_tokens"]:
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ["num_steps", "group_by_length", "eval_every", "eval_prompts", "save_every", "save_total_limit",
-                 "max_bad_steps"]:
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    common.check_ranges(p, args, ["hidden", "layers", "heads", "kv_heads", "mlp", "context", "batch_size",
+                                  "micro_batch_size", "eval_samples", "max_new_tokens"],
+                        ["num_steps", "group_by_length", "eval_every", "eval_prompts", "save_every", "save_total_limit",
+                         "max_bad_steps", "lr", "weight_decay", "grad_clip"])
     if args.micro_batch_size > args.batch_size:
         p.error("--micro-batch-size must not exceed --batch-size")
     if not args.num_steps and args.epochs <= 0:
         p.error("--epochs must be > 0 (or give --num-steps)")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
-    for flag in ["lr", "weight_decay", "grad_clip"]:
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be >= 0")
     if not 0 <= args.min_lr_ratio <= 1:
         p.error("--min-lr-ratio must be in [0, 1]")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -182,7 +180,7 @@ def end_token(model, tok, template):
     """The token trained to end a completion, always one sampling stops at: under a chat
     template its end-of-turn token when the model stops on it (<|im_end|>, <|eot_id|>),
     else the tokenizer's end token."""
-    eos = common.eos_ids(model, tok)
+    eos = models.eos_ids(model, tok)
     if template == "chat" and getattr(tok, "chat_template", None):
         probe = [{"role": "user", "content": "x"}]
         prefix = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
@@ -369,46 +367,33 @@ def same_vocabulary(a, b):
 
 
 # ----------------------------------------------------------------------------------------
-# training
+# the run's pieces, in the order train() uses them: the models, the data, the validation,
+# a step's log line
 
 
-def train(args):
-    common.seed_everything(args.seed)
-    # torchrun: each process takes a share of every batch, gradients are summed, process 0 writes
-    rank, world, device = common.init_distributed(args.device)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    note = tqdm.write if rank == 0 else say
-    dtype = common.pick_dtype(args.dtype, device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise common.UserError(f"--out {args.out}: exists and is not a folder")
-
-    # model; a resumed run takes it (and all else) from its checkpoint; with LoRA only the adapters
-    resumed, state = common.resume_from(args.out, args.resume, vars(args)) if args.resume else (None, None)
-    load_on = torch.device("cpu") if args.fsdp else device  # under FSDP: on the CPU until sharded
+def load_models(args, device, dtype, resumed):
+    """The student (float32 master weights: --dtype is for compute), its tokenizer and the
+    frozen teacher (None without --teacher) -> (model, tok, teacher). A resumed run takes the
+    student from its checkpoint, with LoRA only the adapters. Under FSDP on the CPU until sharded."""
+    load_on = torch.device("cpu") if args.fsdp else device
     if resumed and not args.lora_rank:
-        model, tok = common.load_model(resumed, load_on, torch.float32)
+        model, tok = models.load_model(resumed, load_on, torch.float32)
     elif args.init == "scratch":
-        tok = common.build_tiny_tokenizer() if not args.tokenizer else load_tokenizer(args.tokenizer)
-        model = common.new_model(tok, args.hidden, args.layers, args.heads, args.kv_heads, args.mlp,
+        tok = models.build_tiny_tokenizer() if not args.tokenizer else load_tokenizer(args.tokenizer)
+        model = models.new_model(tok, args.hidden, args.layers, args.heads, args.kv_heads, args.mlp,
                                  args.context, args.seed).to(load_on)
     else:
-        model, tok = common.load_model(args.model, load_on, torch.float32)  # master weights; dtype is for compute
+        model, tok = models.load_model(args.model, load_on, torch.float32)
     if args.lora_rank:  # a frozen base with adapters
-        model = common.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
-    vocab = len(tok)
-    if model.get_output_embeddings().weight.shape[0] < vocab:
+        model = models.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
+    if model.get_output_embeddings().weight.shape[0] < len(tok):
         raise common.UserError(f"the model predicts {model.get_output_embeddings().weight.shape[0]} tokens but "
-                               f"its tokenizer has {vocab}")
-    context = getattr(model.config, "max_position_embeddings", None)
-    if args.max_len is None:
-        args.max_len = min(context or 4096, 4096)
-    elif context and args.max_len > context:
-        raise common.UserError(f"--max-len {args.max_len} is longer than the model's context of {context} tokens")
+                               f"its tokenizer has {len(tok)}")
     teacher = None
     if args.teacher:
         # frozen, so its weights are kept in the compute dtype: half the memory in bf16, at the price of
         # a small KL rather than exactly 0 between identical weights (their arithmetic differs)
-        teacher, t_tok = common.load_model(args.teacher, load_on, dtype)
+        teacher, t_tok = models.load_model(args.teacher, load_on, dtype)
         teacher.eval().requires_grad_(False)
         differs = same_vocabulary(tok, t_tok)
         if differs:
@@ -419,11 +404,15 @@ def train(args):
                 "and fine-tune on the kept text without --teacher.")
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"{'new' if args.init == 'scratch' and not resumed else 'loaded'} model: {n_params / 1e6:.2f}M parameters "
-        f"({n_train / 1e6:.2f}M trained), vocabulary {vocab}, on {device} in {str(dtype).removeprefix('torch.')}")
+    common.print0(f"{'new' if args.init == 'scratch' and not resumed else 'loaded'} model: {n_params / 1e6:.2f}M "
+                  f"parameters ({n_train / 1e6:.2f}M trained), vocabulary {len(tok)}, on {device} in "
+                  f"{str(dtype).removeprefix('torch.')}")
+    return model, tok, teacher
 
-    # data: the split (by record, so no document lands on both sides), the lengths, the steps
-    end_id = end_token(model, tok, args.template)
+
+def load_data(args, tok, end_id):
+    """The training and validation sets, encoded -> (train set, its counts, validation set, its
+    counts). Without --val-data the split is by record, so no document lands on both sides."""
     records = common.read_jsonl(args.data, required=())
     val_records = common.read_jsonl(args.val_data, required=()) if args.val_data else []
     if not args.val_data:
@@ -431,38 +420,81 @@ def train(args):
         if n_val >= len(records):
             raise common.UserError(f"--val-fraction {args.val_fraction} leaves no training example")
         if args.val_fraction and not n_val:
-            say(f"note: --val-fraction {args.val_fraction} of {len(records)} examples holds out none: no validation loss")
+            common.print0(f"note: --val-fraction {args.val_fraction} of {len(records)} examples holds out none: "
+                          "no validation loss")
         order = np.random.default_rng(args.seed).permutation(len(records)).tolist()
         val_records = [records[i] for i in order[:n_val]]
         records = [records[i] for i in sorted(order[n_val:])]
     train_set, counts = encode_examples(records, tok, args.template, args.max_len, end_id, args.data)
     val_set, val_counts = (encode_examples(val_records, tok, args.template, args.max_len, end_id,
                                            args.val_data or args.data) if val_records else ([], None))
-    eval_examples, eval_ids = [], []
-    if args.eval_data:
-        eval_examples, eval_ids = common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens,
-                                                      context, ["answer"])
-        if args.eval_prompts:
-            eval_examples, eval_ids = eval_examples[:args.eval_prompts], eval_ids[:args.eval_prompts]
+    lengths = [len(ids) for ids, _ in train_set]
+    common.print0(f"{args.data}: {counts['examples']} examples for training ({len(train_set)} sequences, "
+                  f"{sum(lengths)} tokens, the longest {max(lengths)}), {len(val_records)} for validation"
+                  + (f" (from {args.val_data})" if args.val_data else ""))
+    for name, c in [("training", counts), ("validation", val_counts)]:
+        if c and (c["cut"] or c["dropped"] or c["split"]):
+            common.print0(f"--max-len {args.max_len}, {name}: {c['cut']} completions cut (no end token learnt from "
+                          f"them), {c['dropped']} examples dropped (the prompt alone fills it), {c['split']} texts split")
+            if c["cut"] + c["dropped"] > 0.1 * c["examples"]:
+                common.print0(f"warning: over 10% of the {name} examples are longer than --max-len {args.max_len}; "
+                              "raise it")
+    return train_set, counts, val_set, val_counts
+
+
+def validation_loss(model, val_set, pad_id, micro_batch_size, vocab, device):
+    """Mean cross-entropy per trained token of the held-out examples, longest first."""
+    total, n = 0.0, 0
+    val_lengths = [len(ids) for ids, _ in val_set]
+    order = sorted(range(len(val_set)), key=lambda i: -val_lengths[i])
+    with torch.no_grad():
+        for s in range(0, len(order), micro_batch_size):
+            ids, attn, mask = collate([val_set[i] for i in order[s:s + micro_batch_size]], pad_id, device)
+            nll, _ = token_losses(model, ids, attn, mask, vocab=vocab)
+            total, n = total + nll.sum().item(), n + int(mask.sum())
+    return total / n
+
+
+def log_line(record, num_steps, gnorm):
+    """The step's one line, its keys always in this order (kd only with --teacher)."""
+    line = (f"step {record['step']}/{num_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f}"
+            f" | ce {record['ce']:.4f}")
+    line += f" | kd {record['kd']:.4f}" if "kd" in record else ""
+    return line + (f" | tokens {record['tokens']} | pad {record['pad']:.2f} | gnorm {gnorm:.3f}"
+                   f" | lr {record['lr']:.1e} | {record['tok/s']:.0f} tok/s | {record['s']:.2f}s")
+
+
+# ----------------------------------------------------------------------------------------
+# training: each step is one batch's forward and backward passes in micro-batches, an
+# optimizer step and a log line; then evaluation and a checkpoint on their cadence
+
+
+def train(args):
+    # torchrun: each process takes a share of every batch, gradients are summed, process 0 writes
+    rank, world, device, dtype = common.start_run(args)
+
+    # models and data; a resumed run takes the student (and all else) from its checkpoint
+    resumed, state = (checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED) if args.resume
+                      else (None, None))
+    model, tok, teacher = load_models(args, device, dtype, resumed)
+    vocab = len(tok)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if args.max_len is None:
+        args.max_len = min(context or 4096, 4096)
+    elif context and args.max_len > context:
+        raise common.UserError(f"--max-len {args.max_len} is longer than the model's context of {context} tokens")
+    train_set, counts, val_set, val_counts = load_data(args, tok, end_token(model, tok, args.template))
+    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context,
+                                                   ["answer"], args.eval_prompts) if args.eval_data else ([], []))
     lengths = [len(ids) for ids, _ in train_set]
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     num_steps = args.num_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.03 * num_steps)
-    say(f"{args.data}: {counts['examples']} examples for training ({len(train_set)} sequences, {sum(lengths)} "
-        f"tokens, the longest {max(lengths)}), {len(val_records)} for validation"
-        + (f" (from {args.val_data})" if args.val_data else ""))
-    for name, c in [("training", counts), ("validation", val_counts)]:
-        if c and (c["cut"] or c["dropped"] or c["split"]):
-            say(f"--max-len {args.max_len}, {name}: {c['cut']} completions cut (no end token learnt from them), "
-                f"{c['dropped']} examples dropped (the prompt alone fills it), {c['split']} texts split")
-            if c["cut"] + c["dropped"] > 0.1 * c["examples"]:
-                say(f"warning: over 10% of the {name} examples are longer than --max-len {args.max_len}; raise it")
-    say(f"{num_steps} steps of {args.batch_size} examples ({num_steps / steps_per_epoch:.2f} epochs), "
-        f"{math.ceil(args.batch_size / args.micro_batch_size)} micro-batches of {args.micro_batch_size}, "
-        f"warm-up {warmup} steps, cosine to {args.min_lr_ratio:g} x {args.lr:g}")
-
+    common.print0(f"{num_steps} steps of {args.batch_size} examples ({num_steps / steps_per_epoch:.2f} epochs), "
+                  f"{math.ceil(args.batch_size / args.micro_batch_size)} micro-batches of {args.micro_batch_size}, "
+                  f"warm-up {warmup} steps, cosine to {args.min_lr_ratio:g} x {args.lr:g}")
     if args.grad_checkpointing:
-        common.enable_grad_checkpointing(model)
+        models.enable_grad_checkpointing(model)
     if args.fsdp:  # each process keeps 1/N of the weights, gradients and AdamW state, and of the teacher
         model = common.shard(model, device)
         teacher = common.shard(teacher, device, keep_gathered=False) if teacher is not None else None
@@ -470,24 +502,16 @@ def train(args):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # sampled evaluation only
-    eos = common.eos_ids(model, tok)
+    eos = models.eos_ids(model, tok)
     start = 0
     if state:
-        common.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
+        checkpoints.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
         start = state["step"]
         if rank == 0:
-            common.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
-        say(f"resuming from {resumed} after step {start}")
+            checkpoints.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
+        common.print0(f"resuming from {resumed} after step {start}")
 
-    def amp():
-        return common.autocast(device, dtype)
-
-    def micro_batches(batch):
-        """A batch's examples, longest first, in micro-batches: similar lengths pad little."""
-        batch = sorted(batch, key=lambda i: -lengths[i]) if args.group_by_length else batch
-        return [batch[s:s + args.micro_batch_size] for s in range(0, len(batch), args.micro_batch_size)]
-
-    # logging
+    amp = functools.partial(common.autocast, device, dtype)  # with amp(): compute in --dtype
     flags = vars(args)
     log, finish = (common.open_run(args.out, flags, args.wandb_project, header={"data": counts, "val_data": val_counts})
                    if rank == 0 else (lambda *a: None, lambda: None))
@@ -497,25 +521,19 @@ def train(args):
             return
         model.eval()
         record = {"step": step}
-        if val_set:  # mean cross-entropy per trained token of the held-out examples
-            total, n = 0.0, 0
-            val_lengths = [len(ids) for ids, _ in val_set]
-            order = sorted(range(len(val_set)), key=lambda i: -val_lengths[i])
-            with torch.no_grad(), amp():
-                for s in range(0, len(order), args.micro_batch_size):
-                    ids, attn, mask = collate([val_set[i] for i in order[s:s + args.micro_batch_size]],
-                                              tok.pad_token_id, device)
-                    nll, _ = token_losses(model, ids, attn, mask, vocab=vocab)
-                    total, n = total + nll.sum().item(), n + int(mask.sum())
-            record["val_loss"] = total / n
-            note(f"val step {step} | loss {record['val_loss']:.4f} | ppl {math.exp(min(record['val_loss'], 50)):.2f}")
+        if val_set:
+            with amp():
+                record["val_loss"] = validation_loss(model, val_set, tok.pad_token_id, args.micro_batch_size, vocab,
+                                                     device)
+            common.print0(f"val step {step} | loss {record['val_loss']:.4f} | ppl "
+                          f"{math.exp(min(record['val_loss'], 50)):.2f}")
         if eval_examples:
             with amp():
-                record.update(common.evaluate(model, tok, eval_examples, eval_ids, eos, generator, args.eval_samples,
-                                              args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                                              args.micro_batch_size, warn=note))
-            note(f"eval step {step} | pass@1 {record['eval_pass@1']:.3f} | format {record['eval_format']:.3f}"
-                       f" | len {record['eval_len']:.0f} | trunc {record['eval_trunc']:.2f}")
+                record.update(sampling.evaluate(model, tok, eval_examples, eval_ids, eos, generator, args.eval_samples,
+                                                args.max_new_tokens, args.eval_temperature, args.eval_top_p,
+                                                args.micro_batch_size, warn=common.print0))
+            common.print0(f"eval step {step} | pass@1 {record['eval_pass@1']:.3f} | format {record['eval_format']:.3f}"
+                          f" | len {record['eval_len']:.0f} | trunc {record['eval_trunc']:.2f}")
         model.train()
         if len(record) > 1:
             log(step, record)
@@ -523,7 +541,7 @@ def train(args):
     if not start:
         run_eval(0)
     if state:  # last: nothing above may draw from the random streams the next step continues
-        common.set_rng_state(state["rng"][rank], [generator])
+        checkpoints.set_rng_state(state["rng"][rank], [generator])
     history, bad_steps = [], 0
     batches, epoch = [], -1  # the data order is a function of the step: nothing to restore
     for step in tqdm(range(start + 1, num_steps + 1), desc="sft", dynamic_ncols=True, initial=start, total=num_steps,
@@ -533,13 +551,16 @@ def train(args):
             epoch = (step - 1) // steps_per_epoch
             batches = epoch_batches(lengths, args.batch_size, epoch, args.seed, args.group_by_length)
         batch = batches[(step - 1) % steps_per_epoch][rank::world]  # this process's share
+        if args.group_by_length:  # longest first: the micro-batches hold similar lengths and pad little
+            batch = sorted(batch, key=lambda i: -lengths[i])
         lr = lr_at(step, num_steps, args.lr, warmup, args.min_lr_ratio)
         for pg in opt.param_groups:
             pg["lr"] = lr
 
         # forward/backward over micro-batches; each adds its share of the batch's mean per token,
         # so the gradient (summed over processes too) is the whole batch's however it is split
-        micro = [collate([train_set[i] for i in ix], tok.pad_token_id, device) for ix in micro_batches(batch)]
+        micro = [collate([train_set[i] for i in batch[s:s + args.micro_batch_size]], tok.pad_token_id, device)
+                 for s in range(0, len(batch), args.micro_batch_size)]  # (ids, attn, mask), each (b, L)
         n_total = int(common.all_sum([sum(int(mask.sum()) for _, _, mask in micro)], device)[0])  # trained tokens
         n_real, n_padded = sum(int(attn.sum()) for _, attn, _ in micro), sum(attn.numel() for _, attn, _ in micro)
         if args.fsdp:  # FSDP's gathers need every process in every pass: the short ones pass over nothing
@@ -549,7 +570,7 @@ def train(args):
         opt.zero_grad(set_to_none=True)
         for ids, attn, mask in micro:
             with amp():
-                nll, kl = token_losses(model, ids, attn, mask, teacher, args.kd_temperature, vocab)
+                nll, kl = token_losses(model, ids, attn, mask, teacher, args.kd_temperature, vocab)  # (b, L) each
             ce, kd = nll.sum() / n_total, (kl.sum() / n_total if kl is not None else None)
             loss = ce if kd is None else (1 - args.kd_weight) * ce + args.kd_weight * kd
             loss.backward()
@@ -563,7 +584,7 @@ def train(args):
         if math.isfinite(gnorm):
             opt.step()
         else:  # a non-finite loss makes a non-finite gradient too
-            note(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
+            common.print0(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
         bad_steps = 0 if math.isfinite(gnorm) else bad_steps + 1
         seconds = time.time() - t0
 
@@ -574,11 +595,7 @@ def train(args):
         record.update({"tokens": n_total, "pad": 1 - n_real / n_padded,
                        "gnorm": gnorm if math.isfinite(gnorm) else None, "lr": lr,
                        "tok/s": n_real / seconds, "s": seconds})
-        line = f"step {step}/{num_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | ce {record['ce']:.4f}"
-        line += f" | kd {record['kd']:.4f}" if teacher is not None else ""
-        line += (f" | tokens {n_total} | pad {record['pad']:.2f} | gnorm {gnorm:.3f} | lr {lr:.1e}"
-                 f" | {record['tok/s']:.0f} tok/s | {seconds:.2f}s")
-        note(line)
+        common.print0(log_line(record, num_steps, gnorm))
         log(step, record)
         history.append(record)
         common.stop_if_bad(bad_steps, args.max_bad_steps)
@@ -588,10 +605,10 @@ def train(args):
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
-            path = common.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
-                                                   args.save_total_limit, rank)
+            path = checkpoints.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
+                                                        args.save_total_limit, rank)
             if path:
-                note(f"saved {path}")
+                common.print0(f"saved {path}")
     finish()
     common.end_distributed()
     return history

@@ -12,7 +12,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)  # repeatable float sums, and CI has 2 cores
 
-import common  # noqa: E402
+from nanor1 import models  # noqa: E402
 
 
 def pytest_configure(config):
@@ -22,12 +22,12 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A freshly initialised 2-layer Qwen2 model and its locally trained tokenizer, on disk."""
-    return common.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+    return models.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    model, tok = common.load_model(tiny_dir)
+    model, tok = models.load_model(tiny_dir)
     return model.eval(), tok
 
 

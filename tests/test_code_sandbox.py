@@ -9,13 +9,15 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import tracemalloc
 import uuid
 
 import pytest
 
-import rewards as S
+from nanor1 import sandbox as S
 
 ROOT = os.geteuid() == 0
 
@@ -341,3 +343,16 @@ def test_open_files_are_capped():
            "except OSError:\n    pass\nprint(len(files))"
     status, out = S.run_program(code, timeout=2)
     assert status == "ok" and int(out) < S.CODE_NUM_FILES
+
+
+def test_importing_the_sandbox_starts_no_threads_until_a_test_runs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys, threading\n"
+              f"sys.path.insert(0, {root!r})\n"
+              "from nanor1 import sandbox, grader\n"
+              "import rewards\n"
+              "print(sandbox._pool is None, threading.active_count())\n"
+              "print(rewards.code('```python\\nprint(1)\\n```', {'tests': [{'input': '', 'output': '1'}]}))\n"
+              "print(sandbox._pool is not None)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "1", "1.0", "True"], out.stderr

@@ -12,11 +12,11 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import common
 import grpo
 import rewards as R
 import sft
 from conftest import digits
+from nanor1 import common, models, sampling
 
 
 def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p, eos, rewards,
@@ -59,7 +59,7 @@ def process(rank, world, port, script, argv, grads_path, fixed=True):
     init = common.init_distributed
     common.init_distributed = lambda name, backend=None, timeout_hours=0: init(name, backend, 1 / 60)
     if fixed:
-        common.rollout = fixed_rollout
+        sampling.rollout = fixed_rollout
     else:
         R.REWARDS["digits"] = digits
     torch.nn.utils.clip_grad_norm_ = capture_gradients(f"{grads_path}.{rank}")
@@ -130,7 +130,7 @@ def test_grpo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, 
                 "--num-steps", "3", "--lr", "1e-3", "--beta", "0.04", "--agg", agg, "--sample-every", "1",
                 "--max-new-tokens", "8", *extra]
 
-    monkeypatch.setattr(common, "rollout", fixed_rollout)
+    monkeypatch.setattr(sampling, "rollout", fixed_rollout)
     one, two = one_and_two("grpo", argv, tmp_path, monkeypatch)
     assert len(one) == 3
     for a, b in zip(one, two[1:]):
@@ -227,16 +227,16 @@ def sharded_sampling(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    model, tok = common.load_model(out["model"])
+    model, tok = models.load_model(out["model"])
     common.shard(model, torch.device("cpu"))
     eos = list(range(len(tok))) if rank == 0 else []
-    got = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, eos, tok.pad_token_id,
+    got = sampling.sample(model, [[5, 6, 7], [8, 9]], 2, 6, eos, tok.pad_token_id,
                         generator=torch.Generator().manual_seed(rank))
     # again, process 1's completions now all ending by their third token: both stop there
     early = list(range(len(tok))) if rank == 0 else sorted(set(got["ids"][:, 2].tolist()))
     passes = []
     model.register_forward_hook(lambda *a: passes.append(1))
-    again = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, early, tok.pad_token_id,
+    again = sampling.sample(model, [[5, 6, 7], [8, 9]], 2, 6, early, tok.pad_token_id,
                           generator=torch.Generator().manual_seed(rank))
     torch.save({**got, "again": again, "passes": len(passes)}, f"{out['path']}.{rank}")
     dist.barrier()
@@ -252,8 +252,8 @@ def test_sharded_sampling_keeps_every_process_in_step(tiny_dir, tmp_path):
     first, second = torch.load(tmp_path / "s.0"), torch.load(tmp_path / "s.1")
     assert first["mask"].sum(1).tolist() == [1] * 4 and not first["truncated"].any()
     assert second["mask"].sum(1).tolist() == [6] * 4 and second["truncated"].all()
-    model, tok = common.load_model(tiny_dir)  # and the sharded model samples what the whole one does
-    whole = common.sample(model, [[5, 6, 7], [8, 9]], 2, 6, [], tok.pad_token_id, generator=torch.Generator().manual_seed(1))
+    model, tok = models.load_model(tiny_dir)  # and the sharded model samples what the whole one does
+    whole = sampling.sample(model, [[5, 6, 7], [8, 9]], 2, 6, [], tok.pad_token_id, generator=torch.Generator().manual_seed(1))
     assert torch.equal(whole["ids"], second["ids"])
     last = int(second["again"]["mask"].sum(1).max()) - 1  # the step process 1's last completion ended on
     assert not second["again"]["truncated"].any() and last <= 2

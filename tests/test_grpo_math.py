@@ -1,12 +1,14 @@
-"""Golden tests for the algorithm: advantages and the loss, against values worked out by hand."""
+"""Golden tests for the algorithm: advantages and the loss against values worked out by hand,
+and per-token log-probs against the textbook computation."""
 
 import math
 
 import pytest
 import torch
 
+import grpo
 from grpo import group_advantages, grpo_loss
-
+from nanor1 import sampling
 
 # ------------------------------------------------------------------------- advantages
 
@@ -193,3 +195,61 @@ def test_clipped_ratio_and_kl_together_by_hand():
     assert logp.grad[0, 1].item() == pytest.approx((-1.0 + 0.1 * (1 - 1.25)) / 2, rel=1e-6)
     assert m["clip"].item() == 0.5 and m["ratio"].item() == pytest.approx(1.125)
     assert m["kl"].item() == pytest.approx(k3 / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------------- log-probs
+
+def tokens(tok, texts):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_chunked_logprobs_and_their_gradients_equal_the_textbook_ones(tiny, monkeypatch):
+    """One sequence a chunk (as a large vocabulary makes it), recomputed in the backward pass:
+    the values and the weights' gradients of plain log_softmax over the whole batch."""
+    model, tok = tiny
+    prompts = tokens(tok, ["12 + 34 =", "the answer is 7", "1"])
+    completions = [[40, 41, 42, 43], [50, 51], [60, 61, 62]]
+    p_ids, p_mask, ids, mask = grpo.pad_batch(prompts, completions, tok.pad_token_id, "cpu")
+    weights = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.7, 1.1, 0, 0], [-1.0, 2.0, 0.3, 0]])
+
+    def grads(logp):
+        model.zero_grad()
+        (logp * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    monkeypatch.setattr(grpo, "LOGIT_CHUNK", 1)
+    got = grpo.completion_logprobs(model, p_ids, p_mask, ids, mask, temperature=0.7)
+    got_grads = grads(got)
+    x = torch.cat([p_ids, ids], 1)
+    attn = torch.cat([p_mask, mask], 1)
+    logits = model(input_ids=x, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    lp = (logits[:, p_ids.shape[1] - 1:-1] / 0.7).log_softmax(-1)
+    want = lp.gather(-1, ids[..., None]).squeeze(-1) * mask
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(got_grads, grads(want)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(g.abs().max() > 1e-3 for g in got_grads)
+
+def test_completion_logprobs_equal_full_sequence_forward(sharp):
+    model, tok = sharp
+    prompts = tokens(tok, ["12 + 34 =", "the answer is 7 so we get 12 + 5"])
+    out = sampling.sample(model, prompts, 3, 9, [tok.eos_token_id], tok.pad_token_id, 1.0, 1.0,
+                        torch.Generator().manual_seed(0))
+    lengths = out["mask"].sum(1).tolist()
+    completions = [out["ids"][i, :lengths[i]].tolist() for i in range(6)]
+    p_ids, p_mask, ids, mask = grpo.pad_batch([prompts[i // 3] for i in range(6)], completions,
+                                                tok.pad_token_id, "cpu")
+    for temperature in [1.0, 0.7]:
+        with torch.no_grad():
+            logp, ent = grpo.completion_logprobs(model, p_ids, p_mask, ids, mask, temperature, with_entropy=True)
+        for i in range(6):  # reference: each sequence alone, no padding, the plain textbook way
+            seq = torch.tensor([prompts[i // 3] + completions[i]])
+            with torch.no_grad():
+                logits = model(seq).logits[0, len(prompts[i // 3]) - 1:-1] / temperature
+            lp = logits.log_softmax(-1)
+            want = lp.gather(-1, torch.tensor(completions[i])[:, None]).squeeze(-1)
+            want_ent = -(lp.exp() * lp).sum(-1)
+            n = len(completions[i])
+            assert torch.allclose(logp[i, :n], want, atol=1e-5)
+            assert torch.allclose(ent[i, :n], want_ent, atol=1e-4)
+            assert (logp[i, n:] == 0).all()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import common
 import grpo
 import rewards as R
 from conftest import digits
+from nanor1 import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,8 +134,8 @@ def test_warmup_and_accuracy_logged_when_not_trained_on(tiny_dir, data, tmp_path
 
 def test_num_iterations_reuses_sampling_logprobs_as_old(tiny_dir, data, tmp_path, toy, monkeypatch):
     calls = []
-    real = common.completion_logprobs
-    monkeypatch.setattr(common, "completion_logprobs", lambda m, *a, **k: calls.append(m.training) or real(m, *a, **k))
+    real = grpo.completion_logprobs
+    monkeypatch.setattr(grpo, "completion_logprobs", lambda m, *a, **k: calls.append(m.training) or real(m, *a, **k))
     h1 = run(tiny_dir, data, tmp_path / "mu1", "--num-steps", "2", "--rewards", "digits", "--micro-batch-size", "8")
     # 32 completions in micro-batches of 8: 4 policy passes and 4 reference passes per step, nothing for old_logp
     assert calls.count(True) == 2 * 4 and calls.count(False) == 2 * 4
@@ -147,12 +147,12 @@ def test_num_iterations_reuses_sampling_logprobs_as_old(tiny_dir, data, tmp_path
 
 def test_mask_truncated_drops_completions_from_the_loss(tiny_dir, data, tmp_path, toy, monkeypatch):
     seen = []
-    real = common.completion_logprobs
-    monkeypatch.setattr(common, "completion_logprobs", lambda m, p, pm, ids, mask, *a, **k:
+    real = grpo.completion_logprobs
+    monkeypatch.setattr(grpo, "completion_logprobs", lambda m, p, pm, ids, mask, *a, **k:
                         seen.append((ids, mask)) or real(m, p, pm, ids, mask, *a, **k))
     h = run(tiny_dir, data, tmp_path / "run", "--num-steps", "1", "--rewards", "digits", "--mask-truncated",
             "--beta", "0")
-    eos = common.load_model(tiny_dir)[1].eos_token_id
+    eos = models.load_model(tiny_dir)[1].eos_token_id
     ended = [bool((ids[i] == eos).any()) for ids, _ in seen for i in range(len(ids))]
     used = [bool(mask[i].any()) for _, mask in seen for i in range(len(mask))]
     assert used == ended  # a completion takes part in the loss exactly when it ended

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import grpo
 import sft
+from nanor1 import models
 
 peft = pytest.importorskip("peft")  # optional; CI installs it (.ci/run)
 
@@ -40,7 +40,7 @@ def logits(model, ids):
 def test_lora_trains_the_adapters_against_the_unchanged_base(tiny_dir, data, tmp_path, toy, monkeypatch):
     # every reference pass of the run (the ones under inference mode) is recorded, to be redone
     # below on a freshly loaded base model
-    real, ref_calls = common.completion_logprobs, []
+    real, ref_calls = grpo.completion_logprobs, []
 
     def recording(model, *inputs, **kw):
         out = real(model, *inputs, **kw)
@@ -48,23 +48,23 @@ def test_lora_trains_the_adapters_against_the_unchanged_base(tiny_dir, data, tmp
             ref_calls.append(([t.clone() if torch.is_tensor(t) else t for t in inputs], out.clone()))
         return out
 
-    monkeypatch.setattr(common, "completion_logprobs", recording)
+    monkeypatch.setattr(grpo, "completion_logprobs", recording)
     history = lora_run(tiny_dir, data, tmp_path / "run")
     assert len(ref_calls) == 4  # one micro-batch a step
 
-    base, _ = common.load_model(tiny_dir)
+    base, _ = models.load_model(tiny_dir)
     with torch.no_grad():  # the reference the loop used is the initial model, bit for bit, at every step
         assert all(torch.equal(got, real(base, *inputs)) for inputs, got in ref_calls)
     assert history[0]["kl"] == 0 and history[-1]["kl"] > 1e-4  # the policy moved away from it
 
     ckpt = tmp_path / "run" / "step-000004"
-    trained = peft.PeftModel.from_pretrained(common.load_model(tiny_dir)[0], str(ckpt / "adapter"))
+    trained = peft.PeftModel.from_pretrained(models.load_model(tiny_dir)[0], str(ckpt / "adapter"))
     saved = load_file(ckpt / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)  # adapters only
     assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0: it trained
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     # the merged checkpoint is a plain model that computes what the base with the adapters on does
-    merged, _ = common.load_model(str(ckpt))
+    merged, _ = models.load_model(str(ckpt))
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert torch.allclose(logits(merged, ids), logits(trained, ids), atol=1e-5)
     assert not torch.allclose(logits(merged, ids), logits(base, ids), atol=1e-3)
@@ -110,10 +110,10 @@ def test_sft_with_lora_learns_its_examples_and_leaves_the_base_alone(tiny_dir, t
     # the adapters alone carry the learning: slower than training every weight (6.0 to 1.8 in these
     # steps), for the random embeddings stay as they are, but 6.0 to 5.2
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
-    trained = peft.PeftModel.from_pretrained(common.load_model(tiny_dir)[0], str(tmp_path / "run" / "step-000015" / "adapter"))
-    base, _ = common.load_model(tiny_dir)
+    trained = peft.PeftModel.from_pretrained(models.load_model(tiny_dir)[0], str(tmp_path / "run" / "step-000015" / "adapter"))
+    base, _ = models.load_model(tiny_dir)
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with trained.disable_adapter():
         assert torch.equal(logits(trained, ids), logits(base, ids))
-    merged, _ = common.load_model(str(tmp_path / "run" / "step-000015"))
+    merged, _ = models.load_model(str(tmp_path / "run" / "step-000015"))
     assert torch.allclose(logits(merged, ids), logits(trained, ids), atol=1e-5)

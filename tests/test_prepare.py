@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-import common
 import rewards
+from nanor1 import common, sandbox
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
@@ -284,7 +284,7 @@ def test_code_tasks_are_well_formed():
 
 def test_code_reference_solutions_pass_every_test():
     tasks = load_code_module().TASKS
-    scores = rewards.code_rewards([fence(t["solution"]) for t in tasks], [t["tests"] for t in tasks])
+    scores = sandbox.code_rewards([fence(t["solution"]) for t in tasks], [t["tests"] for t in tasks])
     assert {t["name"]: s for t, s in zip(tasks, scores) if s != 1.0} == {}
 
 
@@ -298,7 +298,7 @@ def test_code_wrong_solutions_fail_some_test():
         for code in (silent, echo if t["fn_name"] is None else first.format(t["fn_name"])):
             completions.append(fence(code))
             tests.append(t["tests"])
-    scores = rewards.code_rewards(completions, tests)
+    scores = sandbox.code_rewards(completions, tests)
     assert [c for c, s in zip(completions, scores) if s >= 1.0] == []
 
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-import common
 import reject_sample as RS
 import rewards as R
 import sft
+from nanor1 import common, grader, models, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = "<think> {} </think> <answer> {} </answer>"
@@ -157,7 +157,7 @@ def test_select_random_order_is_seeded():
 
 
 def row(text, truncated=False, num_tokens=10):
-    """One scored sample as common.rollout returns it, scored by the real rewards."""
+    """One scored sample as sampling.rollout returns it, scored by the real rewards."""
     total, parts, _ = R.score(text, {"answer": "19"}, R.parse_rewards("accuracy,format:0.5"))
     return {"text": text, "completion": list(range(num_tokens)), "truncated": truncated, "reward": total,
             "parts": parts}
@@ -231,7 +231,7 @@ def test_run_keeps_only_verified_samples_and_reports_its_files(trained, tmp_path
     for line in kept:
         answer = PROMPTS[line["prompt_index"]]["answer"]
         assert line["prompt"] == PROMPTS[line["prompt_index"]]["prompt"] and line["answer"] == answer
-        assert R.math_equal(line["completion"], answer) and R.format_reward(line["completion"], {}) == 1
+        assert grader.math_equal(line["completion"], answer) and R.format_reward(line["completion"], {}) == 1
         thought = line["completion"].split("<think>")[1].split("</think>")[0]
         assert not R.words_by_script(thought) or R.language(line["completion"], {"lang": "en"}) >= 0.95
         assert line["score"] == 2.0 and line["model"] == model
@@ -250,7 +250,7 @@ def test_run_keeps_only_verified_samples_and_reports_its_files(trained, tmp_path
     rl = read(tmp_path / "rl.jsonl")
     assert [r["prompt_index"] for r in rl] == [p["prompt_index"] for p in passes if 0.1 < p["pass_rate"] < 0.9]
     # the pass-rate file is prompts grpo.py can read
-    tok = common.build_tiny_tokenizer()
+    tok = models.build_tiny_tokenizer()
     examples, _ = common.load_prompts(str(tmp_path / "rl.jsonl"), tok, "r1", 8, None, ["answer"])
     assert [e["answer"] for e in examples] == [PROMPTS[r["prompt_index"]]["answer"] for r in rl]
 
@@ -319,8 +319,8 @@ def test_interrupted_then_resumed_run_writes_the_same_files(trained, tmp_path, m
     # resume: the first batch is sampled again whole, with the same seed, but only prompt 1 is
     # judged and written; then the other batches
     calls = []
-    rollout = common.rollout
-    monkeypatch.setattr(common, "rollout", lambda *a, **k: calls.append(a[2]) or rollout(*a, **k))
+    rollout = sampling.rollout
+    monkeypatch.setattr(sampling, "rollout", lambda *a, **k: calls.append(a[2]) or rollout(*a, **k))
     sample_run(model, data, tmp_path / "b" / "kept.jsonl", "--prompts-per-batch", "2")
     assert [[e["prompt"] for e in examples] for examples in calls] == \
         [[PROMPTS[0]["prompt"], PROMPTS[1]["prompt"]], [PROMPTS[2]["prompt"], PROMPTS[3]["prompt"]], [PROMPTS[4]["prompt"]]]
@@ -349,8 +349,8 @@ def test_shards_of_a_killed_torchrun_run_are_folded_in(trained, tmp_path, monkey
         (b / f"kept.rank{r}of2.pass.jsonl").write_bytes(
             b"".join(l for l in pass_lines if json.loads(l)["prompt_index"] in mine) + pass_lines[2][:20])
     calls = []
-    rollout = common.rollout
-    monkeypatch.setattr(common, "rollout", lambda *a, **k: calls.append(a[2]) or rollout(*a, **k))
+    rollout = sampling.rollout
+    monkeypatch.setattr(sampling, "rollout", lambda *a, **k: calls.append(a[2]) or rollout(*a, **k))
     sample_run(model, data, b / "kept.jsonl", "--prompts-per-batch", "1")
     assert [[e["prompt"] for e in ex] for ex in calls] == [[PROMPTS[2]["prompt"]]]
     assert sorted(os.listdir(b)) == ["kept.jsonl", "kept.pass.jsonl", "kept.report.json", "kept.run.json"]
@@ -412,9 +412,9 @@ def test_kept_samples_train_a_student_with_sft(trained, tiny_dir, tmp_path):
                         "--lr", "1e-2", "--val-fraction", "0", "--warmup-steps", "2", "--template", "raw"])
     assert len(kept) >= 3 and history[0]["ce"] > 3 and history[-1]["ce"] < 0.1
     # the student, from random weights, now writes the teacher's kept answer to each prompt
-    student, tok = common.load_model(str(tmp_path / "student" / "step-000100"))
-    out = common.sample(student, [common.encode_prompt(line["prompt"], tok, "raw") for line in kept], 1, 48,
-                        common.eos_ids(student, tok), tok.pad_token_id, temperature=0)
+    student, tok = models.load_model(str(tmp_path / "student" / "step-000100"))
+    out = sampling.sample(student, [common.encode_prompt(line["prompt"], tok, "raw") for line in kept], 1, 48,
+                        models.eos_ids(student, tok), tok.pad_token_id, temperature=0)
     for line, ids, mask in zip(kept, out["ids"].tolist(), out["mask"].tolist()):
         assert tok.decode(ids[: sum(mask)], skip_special_tokens=True) == line["completion"]
 

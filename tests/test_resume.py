@@ -1,6 +1,7 @@
-"""Runs that survive, for grpo.py and sft.py: a run stopped after a checkpoint and resumed
-trains exactly as one that was never stopped (bitwise on CPU: one thread, conftest.py); a
-step with a non-finite loss is skipped, and too many in a row stop the run."""
+"""Runs that survive, for grpo.py and sft.py: a checkpoint is written atomically; a run
+stopped after a checkpoint and resumed trains exactly as one that was never stopped
+(bitwise on CPU: one thread, conftest.py); a step with a non-finite loss is skipped, and
+too many in a row stop the run."""
 
 import importlib.util
 import json
@@ -14,10 +15,11 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-import common
 import grpo
 import sft
+from nanor1 import checkpoints, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"s", "sample_s", "score_s", "ref_s", "update_s", "tok/s"}  # wall-clock fields, the only ones allowed to differ
@@ -142,10 +144,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_dir, data, tmp
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(tmp_path / "run")) == [".tmp-step-000006", "args.json", "metrics.jsonl",
                                                     "samples.jsonl", "step-000003"]
-    path, state = common.resume_from(str(tmp_path / "run"), "latest", {})
+    path, state = checkpoints.resume_from(str(tmp_path / "run"), "latest", {}, [])
     assert path.endswith("step-000003") and state["step"] == 3
     grpo_run(tiny_dir, data, tmp_path / "run", "--resume")  # and the run completes from there
-    assert (tmp_path / "run" / "step-000006" / common.STATE_FILE).exists()
+    assert (tmp_path / "run" / "step-000006" / checkpoints.STATE_FILE).exists()
 
 
 def test_save_total_limit_keeps_the_newest(tiny_dir, data, tmp_path, toy):
@@ -174,12 +176,36 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_dir, data, tmp_pat
     left = sorted(d for d in os.listdir(tmp_path / "killed") if d.startswith("step-"))
     assert "step-000040" not in left  # it was killed before the end
     for d in left:  # each one loads, state included
-        common.load_model(str(tmp_path / "killed" / d))
-        common.resume_from(str(tmp_path / "elsewhere"), str(tmp_path / "killed" / d), {})
+        models.load_model(str(tmp_path / "killed" / d))
+        checkpoints.resume_from(str(tmp_path / "elsewhere"), str(tmp_path / "killed" / d), {}, [])
     subprocess.run(argv + ["--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True, env=env)
     a = load_file(tmp_path / "full" / "step-000040" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "step-000040" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------- atomic checkpoints
+
+def test_checkpoint_is_atomic_and_loads_back(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    path = tmp_path / "step-000001"
+    checkpoints.save_checkpoint(path, model, tok, {"lr": 0.1})
+    assert json.loads((path / "args.json").read_text()) == {"lr": 0.1}
+    assert AutoModelForCausalLM.from_pretrained(path) is not None
+
+    # a crash in the middle of writing the next one leaves the previous one intact
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(type(tok), "save_pretrained", crash)
+    with pytest.raises(OSError):
+        checkpoints.save_checkpoint(path, model, tok, {"lr": 0.2})
+    assert json.loads((path / "args.json").read_text()) == {"lr": 0.1}
+    reloaded, _ = models.load_model(str(path))
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    monkeypatch.undo()
+    checkpoints.save_checkpoint(path, model, tok, {"lr": 0.3})  # overwriting works and cleans up
+    assert json.loads((path / "args.json").read_text()) == {"lr": 0.3}
+    assert sorted(os.listdir(tmp_path)) == ["step-000001"]
 
 
 # ------------------------------------------------------------------------- non-finite steps

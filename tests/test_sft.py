@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
 import sft
+from nanor1 import common, models, sampling
 
 PAIRS = [("What is 12 + 7?", "<think> 12 + 7 = 19 </think> <answer> 19 </answer>"),
          ("Add 3 and 40", "<think> 3 + 40 = 43. so the answer is 43 </think> <answer> 43 </answer>"),
@@ -44,7 +44,7 @@ def test_loss_mask_is_exactly_the_completion_and_end_token(tiny, tmp_path):
     other, _ = sft.encode_example(example(*PAIRS[0]), tok, "r1", tok.eos_token_id)
     batch_ids, attn, mask = sft.collate([(other, 5), (ids, start)], tok.pad_token_id, "cpu")  # row 1 is padded
     row, m = batch_ids[1].tolist(), mask[1].bool()
-    assert tok.decode([t for t, k in zip(row, m) if k]) == completion + common.EOS
+    assert tok.decode([t for t, k in zip(row, m) if k]) == completion + models.EOS
     assert tok.decode([t for t, k in zip(row, m) if not k and t != tok.pad_token_id]) == \
         common.format_prompt(prompt, tok, "r1")
     assert row[int(m.nonzero().max())] == tok.eos_token_id  # the last trained token is the end token
@@ -58,10 +58,10 @@ def test_loss_mask_is_exactly_the_completion_and_end_token(tiny, tmp_path):
             "_where": "t.jsonl:2"}
     assert sft.encode_example(chat, tok, "r1", tok.eos_token_id) == (ids, start)
     text, start = sft.encode_example({"text": "12 + 7 = 19", "_where": "t.jsonl:3"}, tok, "r1", tok.eos_token_id)
-    assert start == 0 and tok.decode(text) == "12 + 7 = 19" + common.EOS
+    assert start == 0 and tok.decode(text) == "12 + 7 = 19" + models.EOS
     assert sft.collate([(text, 0)], tok.pad_token_id, "cpu")[2].tolist() == [[0] + [1] * (len(text) - 1)]
     # an end token already written at the end of the completion is not doubled
-    assert sft.encode_example(example(prompt, completion + common.EOS), tok, "r1", tok.eos_token_id) == (ids, len(grpo_ids[0]))
+    assert sft.encode_example(example(prompt, completion + models.EOS), tok, "r1", tok.eos_token_id) == (ids, len(grpo_ids[0]))
 
 
 def test_conversation_trains_the_last_assistant_turn_under_the_chat_template(tiny_dir):
@@ -73,13 +73,13 @@ def test_conversation_trains_the_last_assistant_turn_under_the_chat_template(tin
             {"role": "assistant", "content": "<think> 3+3 </think> <answer> 6 </answer>"}]
     ids, start = sft.encode_example({"messages": msgs, "_where": "c.jsonl:1"}, tok, "chat", tok.eos_token_id)
     assert tok.decode(ids[:start]) == "<|system|>Be brief.\n<|user|>2+2?\n<|assistant|>4\n<|user|>and 3+3?\n<|assistant|>"
-    assert tok.decode(ids[start:]) == msgs[-1]["content"] + common.EOS
+    assert tok.decode(ids[start:]) == msgs[-1]["content"] + models.EOS
     with pytest.raises(common.UserError, match=r"c.jsonl:1: --template r1: a conversation of several turns"):
         sft.encode_example({"messages": msgs, "_where": "c.jsonl:1"}, tok, "r1", tok.eos_token_id)
 
 
 def test_end_token_is_the_chat_templates_own_when_sampling_stops_on_it(tiny_dir):
-    model, tok = common.load_model(tiny_dir)
+    model, tok = models.load_model(tiny_dir)
     # an instruct-style template that ends each turn with a token of its own
     tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -128,7 +128,7 @@ def test_logits_past_the_tokenizer_are_left_out(tiny):
     V = len(tok)
 
     def padded(extra, value):
-        m = common.new_model(tok)
+        m = models.new_model(tok)
         m.load_state_dict(model.state_dict())
         m.resize_token_embeddings(V + extra)
         with torch.no_grad():
@@ -163,13 +163,13 @@ def test_grad_checkpointing_gives_the_same_step_and_bf16_a_close_one(tiny_dir, t
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
     flags = ["--num-steps", "2", "--val-fraction", "0"]
     plain = run(tiny_dir, data, tmp_path / "a", *flags)
-    enabled, original = [], common.enable_grad_checkpointing
+    enabled, original = [], models.enable_grad_checkpointing
 
     def enable(model):  # see that checkpointing really is on in the run
         original(model)
         enabled.append(getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing)
 
-    monkeypatch.setattr(common, "enable_grad_checkpointing", enable)
+    monkeypatch.setattr(models, "enable_grad_checkpointing", enable)
     ckpt = run(tiny_dir, data, tmp_path / "b", *flags, "--grad-checkpointing")
     assert enabled == [True]
     bf16 = run(tiny_dir, data, tmp_path / "c", *flags, "--dtype", "bfloat16")
@@ -239,7 +239,7 @@ def test_max_len_cuts_drops_and_splits_and_says_so(tiny, tiny_dir, tmp_path, cap
 
 def test_validation_split_is_by_record_not_by_piece(tiny_dir, tmp_path, capsys):
     """A long text split into pieces goes wholly to training or wholly to validation."""
-    _, tok = common.load_model(tiny_dir)
+    _, tok = models.load_model(tiny_dir)
     long = "1 + 1 = 2. " * 100
     pieces = math.ceil((len(tok(long)["input_ids"]) + 1) / 64)
     rows = [{"text": long}] + [{"text": f"{i} + {i} = {2 * i}."} for i in range(4)]  # 4 short ones: 1 piece each
@@ -260,11 +260,11 @@ def test_tiny_model_overfits_a_handful_and_greedy_decoding_reproduces_them(tiny_
     history = run(tiny_dir, data, tmp_path / "run", "--num-steps", "150", "--batch-size", "4", "--lr", "1e-2",
                   "--val-fraction", "0", "--warmup-steps", "5")
     assert history[0]["ce"] > 4 and history[-1]["ce"] < 0.05
-    model, tok = common.load_model(str(tmp_path / "run" / "step-000150"))
+    model, tok = models.load_model(str(tmp_path / "run" / "step-000150"))
     prompts = [common.encode_prompt(p, tok, "r1") for p, _ in PAIRS]
-    out = common.sample(model, prompts, 1, 64, common.eos_ids(model, tok), tok.pad_token_id, temperature=0)
+    out = sampling.sample(model, prompts, 1, 64, models.eos_ids(model, tok), tok.pad_token_id, temperature=0)
     for (_, completion), ids, m in zip(PAIRS, out["ids"].tolist(), out["mask"].tolist()):
-        assert tok.decode(ids[:sum(m)]) == completion + common.EOS
+        assert tok.decode(ids[:sum(m)]) == completion + models.EOS
 
 
 def test_run_logs_validation_and_sampled_accuracy_and_saves_checkpoints(tiny_dir, tmp_path, capsys):
@@ -300,7 +300,7 @@ def test_scratch_init_builds_the_sized_model(tiny_dir, tmp_path):
     sft.main(["--init", "scratch", "--hidden", "32", "--layers", "3", "--heads", "4", "--kv-heads", "1", "--mlp", "48",
               "--context", "256", "--data", data, "--out", str(tmp_path / "a"), "--device", "cpu", "--num-steps", "1",
               "--batch-size", "4", "--micro-batch-size", "4", "--tokenizer", tiny_dir])
-    model, tok = common.load_model(str(tmp_path / "a" / "step-000001"))
+    model, tok = models.load_model(str(tmp_path / "a" / "step-000001"))
     c = model.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
             c.max_position_embeddings) == (32, 3, 4, 1, 48, 256)
@@ -397,13 +397,13 @@ def test_kd_run_with_the_student_as_teacher_logs_zero_kd(tiny_dir, tmp_path):
 
 
 def test_kd_with_a_different_tokenizer_is_one_clear_error(tiny_dir, tmp_path, capsys):
-    _, tok = common.load_model(tiny_dir)
+    _, tok = models.load_model(tiny_dir)
     instruct = __import__("copy").deepcopy(tok)
-    instruct.eos_token = common.PAD  # another end token over the same ids, as base and instruct models have
+    instruct.eos_token = models.PAD  # another end token over the same ids, as base and instruct models have
     assert sft.same_vocabulary(tok, instruct) is None
     other = tmp_path / "other"
-    tok = common.build_tiny_tokenizer(vocab_size=300)
-    model = common.new_model(tok)
+    tok = models.build_tiny_tokenizer(vocab_size=300)
+    model = models.new_model(tok)
     model.save_pretrained(other)
     tok.save_pretrained(other)
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import bench
-import common
 import grpo
 
 
@@ -29,13 +28,13 @@ def data(tmp_path_factory):
 ])
 def test_the_update_runs_only_the_passes_it_uses(tiny_dir, data, tmp_path, monkeypatch, beta, iterations,
                                                  ref_passes, policy_passes):
-    real, passes = common.completion_logprobs, []
+    real, passes = grpo.completion_logprobs, []
 
     def counting(model, *a, **k):
         passes.append("ref" if torch.is_inference_mode_enabled() else "policy")
         return real(model, *a, **k)
 
-    monkeypatch.setattr(common, "completion_logprobs", counting)
+    monkeypatch.setattr(grpo, "completion_logprobs", counting)
     history = grpo.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "run"),
                          "--device", "cpu", "--prompts-per-step", "2", "--group", "4", "--max-new-tokens", "6",
                          "--micro-batch-size", "4", "--num-steps", "1", "--beta", str(beta), "--rewards", "format",

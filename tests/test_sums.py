@@ -48,9 +48,9 @@ def test_trace_worked_by_hand():
 
 
 def test_the_longest_trace_fits_the_pipelines_token_limit():
-    import common
+    from nanor1 import models
 
-    tok = common.build_tiny_tokenizer()  # the tokenizer of every model the pipeline builds
+    tok = models.build_tiny_tokenizer()  # the tokenizer of every model the pipeline builds
     longest = max(len(tok(prep.trace((n, d, 9)))["input_ids"]) for n in (9, 99) for d in range(2, 10))
     assert longest == 113 and longest + 1 <= pipe.MAX_NEW_TOKENS  # + 1: the end token
 

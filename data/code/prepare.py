@@ -1,11 +1,11 @@
 '''A small built-in set of simple programming tasks for the code reward: writes train.jsonl and test.jsonl.
 
-Records are {"prompt", "tests", "lang": "en"}. "tests" is the JSON text of rewards.py's test
+Records are {"prompt", "tests", "lang": "en"}. "tests" is the JSON text of the sandbox's test
 list, [{"input": stdin, "output": expected stdout}] for programs and
-[{"fn_name", "args", "expected"}] for functions: a string, because common.read_jsonl (which
-grpo.py and reject_sample.py load prompts with) takes only string fields. Each task keeps a
-reference solution here, never written out, so tests/test_prepare.py can check every task
-is solvable and that wrong programs fail.
+[{"fn_name", "args", "expected"}] for functions: a string, because read_jsonl (in
+nanor1/common.py; grpo.py and reject_sample.py load prompts with it) takes only string
+fields. Each task keeps a reference solution here, never written out, so
+tests/test_prepare.py can check every task is solvable and that wrong programs fail.
 
     python data/code/prepare.py                       # 20 train / 6 test, seed 0
     python data/code/prepare.py --num-test 10 --seed 1 --out-dir out/code

@@ -1,7 +1,7 @@
 r"""The MATH competition problems (Hendrycks et al. 2021): writes train.jsonl and test.jsonl.
 
 Records are {"prompt": problem, "answer", "lang": "en", "level": 1-5 or null, "subject"}: the
-answer is the content of the solution's last \boxed{...} (rewards.find_boxes, braces balanced).
+answer is the content of the solution's last \boxed{...} (the grader's find_boxes, braces balanced).
 A solution without a box is skipped and counted, not an error.
 
     python data/math/prepare.py --train-file MATH/train --test-file MATH/test     # the release's folders
@@ -26,7 +26,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from rewards import find_boxes  # noqa: E402  the reward's own box reader, so data and grading agree
+from nanor1.grader import find_boxes  # noqa: E402  the grader's own box reader, so data and grading agree
 
 SUBJECTS = "algebra,counting_and_probability,geometry,intermediate_algebra,number_theory,prealgebra,precalculus"
 HOW_TO_GET = ("no MATH data: pass --train-file and --test-file, either the train/ and test/ folders of "

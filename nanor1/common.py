@@ -1,0 +1,389 @@
+"""What every script needs: errors, printing, device and dtype, processes, runs, prompts.
+
+One topic a header: errors a user can fix; device and dtype, decided in one place; the
+few collectives of several processes (torchrun), FSDP2 sharding among them; a run's seeds,
+logs and bad-step guard; jsonl files; prompt templates and their encoding. Where models
+come from is models.py, sampling is sampling.py, checkpoints are checkpoints.py.
+"""
+
+import contextlib
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------
+# errors and output: one clear message, caught by each script's main() and printed without
+# a traceback; flags checked by range; printing from process 0 alone
+
+
+class UserError(Exception):
+    """Bad input from the user (a model, a file, a line, a flag); the message says which."""
+
+
+def check_ranges(parser, args, at_least_1=(), at_least_0=()):
+    """Stop with parser.error naming the first flag (an attribute of args) below its bound."""
+    for names, bound, words in [(at_least_1, 1, "at least 1"), (at_least_0, 0, "0 or more")]:
+        for name in names:
+            if getattr(args, name) < bound:
+                parser.error(f"--{name.replace('_', '-')} must be {words}")
+
+
+def print0(message):
+    """Print on process 0 alone (the others stay quiet), above the progress bar when one runs."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        tqdm.write(str(message))
+
+
+# ----------------------------------------------------------------------------------------
+# device and dtype, decided in one place
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise UserError(f"--device {name}: no such CUDA device on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: MPS is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    """The compute dtype: bf16 on CUDA (when supported), fp32 elsewhere, unless the flag says."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def clock(device):
+    """The time now, once the device's queued work has run (a GPU runs kernels asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def autocast(device, dtype):
+    """Mixed precision: weights stay float32, matmuls run in `dtype`; nothing at float32.
+
+    Weights trained in bf16 lose small updates: at lr 1e-6 an update is far below bf16's
+    resolution (about 0.4% of a weight), so AdamW would leave them unchanged.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+# ----------------------------------------------------------------------------------------
+# several processes (torchrun): one process is a world of 1, through the same code
+
+
+def init_distributed(device_name, backend=None, timeout_hours=2.0):
+    """Join torchrun's process group when there is one -> (rank, world, device).
+
+    One process is world 1 through the same code, with no process group. Under torchrun,
+    process r takes GPU LOCAL_RANK when the device is CUDA. backend: None = nccl for CUDA
+    tensors, gloo on CPU (gloo alone is enough for Python objects).
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(device_name)
+    if world > 1 and device.type == "cuda" and device_name not in ("auto", "cuda"):
+        raise UserError(f"--device {device_name}: under torchrun each process takes GPU LOCAL_RANK; "
+                        "use --device cuda (or auto)")
+    if world > 1 and device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started process {local_rank} on a machine with "
+                            f"{torch.cuda.device_count()} GPUs: use --nproc_per_node {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                timeout=datetime.timedelta(hours=timeout_hours))
+    return rank, world, device
+
+
+def end_distributed():
+    """Leave the process group, once every process is done (a process that left while
+    another still wrote its checkpoint would abort it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_sum(values, device):
+    """Element-wise sums of a list of numbers over every process (the numbers themselves in
+    one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(items):
+    """Every process's list, concatenated in rank order (the list itself in one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def sum_gradients(model):
+    """Sum each parameter's gradient over the processes; a process without samples adds zeros.
+    (An FSDP model's backward pass has already summed them, each process keeping its shard.)"""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or is_sharded(model):
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def clip_gradients(model, max_norm):
+    """Clip the trainable parameters' gradients to a total norm of `max_norm` (0: no clipping)
+    -> the norm before clipping, a float (under FSDP, over every process's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                          max_norm or float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+# ----------------------------------------------------------------------------------------
+# FSDP2: a model whose training state does not fit in one process, sharded over all of them
+
+
+def shard(model, device, keep_gathered=True):
+    """FSDP2: split the parameters (and their gradients and AdamW state) of every decoder
+    layer, and of the rest, evenly over the processes. A layer's whole weights are gathered
+    for its forward and backward and freed after. Gradients are summed, not averaged: the
+    losses are already weighted by the whole step's counts. keep_gathered: the weights
+    outside the layers (embeddings, head) stay whole from a forward to the next backward,
+    so sampling does not gather them again for every token. Returns the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
+    if not layers:  # the whole model would be gathered at once: no memory saved
+        raise UserError(f"--fsdp: {type(model).__name__} names no layer class to shard by (_no_split_modules)")
+    for m in layers + [model]:  # the model last: it holds what no layer does (embeddings, head)
+        fully_shard(m, mesh=mesh, reshard_after_forward=m is not model or not keep_gathered)
+        if not hasattr(m, "set_force_sum_reduction_for_comms"):
+            raise UserError(f"--fsdp: torch {torch.__version__} lacks FSDP2's plain-sum gradient reduction; "
+                            "upgrade torch")
+        m.set_gradient_divide_factor(1.0)  # a sum (gloo has no average, nor NCCL's pre-scaled sum)
+        m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model):
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch 2.6 and later
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model):
+    """The whole state dict of a sharded model on process 0, on the CPU (every process must
+    call it; the others get {}); a plain model's own state dict."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+# ----------------------------------------------------------------------------------------
+# a run: seeds, the output folder's logs, the bad-step guard
+
+
+def start_run(args):
+    """A training run's set-up -> (rank, world, device, dtype): seeds, torchrun's process group
+    when there is one, device and compute dtype; an --out that is a file is refused."""
+    seed_everything(args.seed)
+    rank, world, device = init_distributed(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out}: exists and is not a folder")
+    return rank, world, device, pick_dtype(args.dtype, device)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def open_run(out, flags, wandb_project=None, header=None):
+    """Create the output folder, write the flags (args.json and the first metrics.jsonl record,
+    with `header`), start wandb when asked -> (log, finish): log(step, record) appends a
+    record to metrics.jsonl (and wandb); finish() closes wandb."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(flags, f, indent=2)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    append_jsonl(metrics_path, {"args": flags, **(header or {})})
+    wandb = None
+    if wandb_project:
+        try:
+            import wandb  # optional dependency, imported only when asked for
+        except ImportError:
+            raise UserError("--wandb-project: wandb is not installed (pip install wandb)") from None
+        wandb.init(project=wandb_project, config=flags)
+
+    def log(step, record):
+        append_jsonl(metrics_path, record)
+        if wandb:
+            wandb.log(record, step=step)
+
+    def finish():
+        if wandb:
+            wandb.finish()
+
+    return log, finish
+
+
+def stop_if_bad(bad_steps, limit):
+    """--max-bad-steps: stop a run whose last `limit` steps were all skipped (0: never)."""
+    if limit and bad_steps >= limit:
+        raise UserError(f"--max-bad-steps {limit}: the last {bad_steps} steps had a non-finite loss or gradient "
+                        "and were skipped; stopping. Lower --lr, or --resume from a checkpoint before the trouble")
+
+# ----------------------------------------------------------------------------------------
+# jsonl files
+
+
+def read_jsonl(path, required=("prompt",)):
+    """Read a jsonl file into a list of dicts; errors name the file and line.
+
+    Each record gets "_where" = "file:line" so later errors can point at it.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                if key not in row:
+                    raise UserError(f"{path}:{n}: missing field '{key}'")
+                if isinstance(row[key], (int, float)) and not isinstance(row[key], bool):
+                    row[key] = str(row[key])  # an answer written as a number: 72 -> "72"
+                if not isinstance(row[key], str):
+                    raise UserError(f"{path}:{n}: field '{key}' must be a string, not {type(row[key]).__name__}")
+            row["_where"] = f"{path}:{n}"
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no records")
+    return rows
+
+
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+# ----------------------------------------------------------------------------------------
+# prompts: the one formatting and encoding every script uses
+
+
+# DeepSeek-R1-Zero's template (Table 1 of the R1 paper) for base models.
+R1_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+    "process here </think> <answer> answer here </answer>. User: {prompt} Assistant:"
+)
+
+
+def format_prompt(prompt, tok, template="r1"):
+    """The text the model is given: R1-Zero template, the tokenizer's chat template, or raw.
+    `prompt` is the user's text, or (chat template only) a list of chat messages that ends
+    before the assistant's turn.
+
+    Some chat templates (DeepSeek-R1-Distill, Qwen3) end the prompt with an opened
+    `<think>`; the completion would then never contain it and the format reward would
+    score every sample 0. We cut it off so the model writes the tag itself.
+    """
+    if not isinstance(prompt, str) and template != "chat":
+        raise UserError(f"--template {template}: a conversation of several turns needs --template chat")
+    if template == "r1":
+        prompt = prompt.strip()
+        text = R1_TEMPLATE.format(prompt=prompt if prompt[-1:] in ".?!" else prompt + ".")
+    elif template == "chat":
+        if not getattr(tok, "chat_template", None):
+            raise UserError("--template chat: this tokenizer has no chat template; use r1 or raw")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    elif template == "raw":
+        text = prompt
+    else:
+        raise UserError(f"--template {template}: expected r1, chat or raw")
+    stripped = text.rstrip()
+    if stripped.endswith("<think>") and stripped.count("<think>") > stripped.count("</think>"):
+        text = stripped[: -len("<think>")]
+    return text
+
+
+def encode_prompt(prompt, tok, template="r1"):
+    """Token ids of the formatted prompt: the one encoding every script uses, so a model
+    fine-tuned by sft.py sees at RL and evaluation time exactly the tokens it was trained on."""
+    text = format_prompt(prompt, tok, template)
+    # chat templates already contain the model's begin-of-text token
+    return tok(text, add_special_tokens=template != "chat")["input_ids"]
+
+
+def load_prompts(path, tok, template, max_new_tokens, context, need=(), limit=0):
+    """Read a jsonl file of prompts and encode them -> (examples, prompt ids); a prompt that
+    cannot fit the model's context with max_new_tokens after it is an error naming its line.
+    need: fields besides "prompt" every line must have (the rewards' "answer", "tests").
+    limit: keep the first `limit` prompts (0: all), once every line has been checked."""
+    if context and max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {context} tokens")
+    examples = read_jsonl(path, required=("prompt", *need))
+    ids = []
+    for ex in examples:
+        ids.append(encode_prompt(ex["prompt"], tok, template))
+        if not ids[-1]:
+            raise UserError(f"{ex['_where']}: the prompt is empty")
+        if context and len(ids[-1]) + max_new_tokens > context:
+            raise UserError(f"{ex['_where']}: the prompt is {len(ids[-1])} tokens; with --max-new-tokens "
+                            f"{max_new_tokens} it does not fit the model's context of {context} tokens")
+    return (examples[:limit], ids[:limit]) if limit else (examples, ids)

@@ -1,0 +1,225 @@
+"""Where a model comes from: a local folder, a hub id or a short name; a tiny offline one; LoRA.
+
+load_model tries the names a model may have and says in one error what it tried. The tiny
+model and its byte-level BPE tokenizer are built on the spot, offline, for the tests and
+the miniature. add_lora wraps a model in peft's adapters (optional, imported only then).
+"""
+
+import os
+
+import torch
+
+from nanor1.common import UserError
+
+# ----------------------------------------------------------------------------------------
+# loading models: a local folder, a hub id ("Qwen/Qwen2.5-0.5B") or a short name
+
+# short-name prefix -> hub organisation (matched case-insensitively on the name's start)
+HUB_ORGS = [
+    ("deepseek-r1-distill-", "deepseek-ai"),
+    ("qwen", "Qwen"),  # Qwen2-, Qwen2.5-, Qwen3-, QwQ- is below
+    ("qwq-", "Qwen"),
+    ("meta-llama-", "meta-llama"),
+    ("llama-", "meta-llama"),
+    ("smollm", "HuggingFaceTB"),
+]
+
+
+def model_candidates(name):
+    """Where a model name may live, in the order they are tried: [(kind, where), ...]."""
+    if os.path.isdir(name) or name.startswith((".", "/", "~")):
+        return [("local folder", os.path.expanduser(name))]
+    if "/" in name:
+        return [("hub id", name)]
+    for prefix, org in HUB_ORGS:
+        if name.lower().startswith(prefix):
+            return [("hub id", f"{org}/{name}")]
+    return [("hub id", name)]  # an id without an organisation, like "gpt2"
+
+
+def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=True):
+    """Load (model, tokenizer) from a local folder, a hub id or a short name.
+
+    Raises UserError saying everything that was tried when nothing loads: offline, the hub
+    client's own stack trace would hide the one fact that matters (the name was not found).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    tried = []
+    for kind, where in model_candidates(name):
+        if kind == "local folder" and not os.path.isdir(where):
+            tried.append(f"{kind} '{where}' (does not exist)")
+            continue
+        # the local cache first (instant, and it works offline), then the hub, which retries
+        for local_only in [True] if offline or kind == "local folder" else [True, False]:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local_only)
+                tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only) if tokenizer else None
+            except Exception as e:  # the hub client raises many types; all mean "not here"
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                continue
+            if tok is not None and tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
+            for m in model.modules():  # RL compares log-probs of the same weights: dropout would add noise
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+            return model.to(device), tok
+        tried.append(f"{kind} '{where}' ({reason[:200]})")
+    hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
+    raise UserError(f"could not load model '{name}'{hint}; tried: " + "; ".join(tried))
+
+
+def eos_ids(model, tok):
+    """All token ids that end a completion: the tokenizer's eos and the generation config's."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    if not ids:
+        raise UserError("the tokenizer has no eos token: completions could never end")
+    return sorted(ids)
+
+
+def enable_grad_checkpointing(model):
+    """Recompute activations in the backward pass; the method's name changed within transformers 5."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+# ----------------------------------------------------------------------------------------
+# a tiny model and tokenizer built offline, in seconds, for tests and the CPU pipeline
+
+
+# Qwen2's pre-tokenizer split (digits one by one, words, punctuation runs, whitespace).
+# transformers 5 rebuilds a Qwen2 tokenizer from vocab + merges with exactly this split,
+# so we train with it too; otherwise the reloaded tokenizer would disagree with ours.
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def tiny_corpus():
+    """A little text covering what the tiny tokenizer must handle well (merges come from it)."""
+    words = ("the answer is so we get carry add subtract multiply divide sum total then "
+             "first next step result check digit number question user assistant think "
+             "reasoning process solve compute equals because therefore").split()
+    lines = []
+    for i in range(200):
+        a, b = 37 * i % 1000, 91 * i % 997
+        lines.append(f"{a} + {b} = {a + b}. {a} * {b} = {a * b}. {a} - {b} = {a - b}.")
+        lines.append(" ".join(words[(i + k) % len(words)] for k in range(8)) + ".")
+    lines.append(r"\boxed{12} \frac{1}{2} (x + y)^2 = x^2 + 2xy + y^2 % $ # , ; : ! ?")
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size=384):
+    """Train a byte-level BPE in Qwen2's layout with the `tokenizers` package; no download.
+
+    Every byte is in the alphabet, so any text round-trips; the R1 tags are single tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(tiny_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=PAD)
+    tok.add_tokens(TAGS)  # normal (not special) tokens: they must survive decoding
+    return tok
+
+
+def new_model(tok, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, max_positions=1024, seed=0, vocab=None):
+    """A freshly initialised Qwen2 model sized by the arguments, for the tokenizer `tok` (its
+    vocabulary, or `vocab` entries when larger: a real model's LM head on the tiny tokenizer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if hidden % heads or heads % kv_heads:
+        raise UserError(f"a model of hidden size {hidden} with {heads} query and {kv_heads} key/value heads: "
+                        "hidden must be a multiple of the heads, and the heads of the key/value heads")
+    config = Qwen2Config(
+        vocab_size=max(vocab or 0, len(tok)), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=mlp,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def build_tiny_model(out_dir, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
+                     max_positions=1024, seed=0, tokenizer_dir=None):
+    """Write a freshly initialised Qwen2 model and the tiny tokenizer to out_dir.
+
+    Saved with save_pretrained and meant to be reloaded with load_model(out_dir), like any
+    real model. With tokenizer_dir the tokenizer is copied from there (a student that must
+    share its teacher's vocabulary).
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer()
+    model = new_model(tok, hidden, layers, heads, kv_heads, mlp, max_positions, seed)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+# ----------------------------------------------------------------------------------------
+# LoRA (peft, optional): a frozen base with small trainable adapters
+
+
+def add_lora(model, rank, alpha, adapter=None):
+    """Freeze `model` and add LoRA adapters of rank `rank` (scale alpha / rank) to every
+    linear layer but the LM head -> the peft model, whose adapters alone train. `adapter`:
+    a saved adapter folder to go on from (--resume). The adapters start at zero, so the
+    base with the adapters disabled is the initial policy: the reference, at no memory."""
+    try:
+        import peft  # optional dependency, imported only for --lora-rank
+    except ImportError:
+        raise UserError("--lora-rank: peft is not installed (pip install peft)") from None
+    if adapter:
+        if not os.path.isdir(adapter):
+            raise UserError(f"--resume: no {adapter} (the checkpoint was written without --lora-rank)")
+        model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        saved = model.peft_config["default"]
+        if (saved.r, saved.lora_alpha) != (rank, alpha):
+            raise UserError(f"--resume: the adapters in {adapter} have rank {saved.r} and alpha {saved.lora_alpha:g}, "
+                            f"not --lora-rank {rank} --lora-alpha {alpha:g}")
+        return model
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
+    return peft.get_peft_model(model, config)
+
+
+def is_lora(model):
+    return hasattr(model, "peft_config")
+
+
+def merged_state_dict(model):
+    """A LoRA model's weights with the adapters merged in (W + alpha/r * B A), under the base
+    model's own names. The model is left as it is: merging in place and back would round
+    the base weights, and the next step would not be the uninterrupted run's."""
+    base = model.get_base_model()
+    weights = {name.replace(".base_layer.", "."): t for name, t in base.state_dict().items() if ".lora_" not in name}
+    with torch.no_grad():  # one merged matrix at a time on the device, then to the CPU
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                weights[f"{name}.weight"] = (module.base_layer.weight + module.get_delta_weight("default")).cpu()
+    return weights

@@ -1,0 +1,59 @@
+"""Where models come from: the tiny offline model and tokenizer, short names, local folders."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nanor1 import common, models
+
+# ------------------------------------------------------------------------- tiny model and tokenizer
+
+def test_tiny_tokenizer_round_trips_after_reload(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)  # the way any real model is loaded
+    texts = ["<think>\n 12 + 345 = 357\n\n  carry 1</think>\n<answer>\\boxed{357}</answer>",
+             "Schön, 3 × 4 = 12 — ok?\ttab", "x^2 + 2xy + y^2 = (x + y)^2"]
+    for t in texts:
+        assert tok.decode(tok(t)["input_ids"]) == t
+    for tag in models.TAGS:  # each tag is one token, and survives skip_special_tokens
+        ids = tok(tag, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.decode(ids, skip_special_tokens=True) == tag
+    assert tok.convert_ids_to_tokens(tok("2024")["input_ids"]) == ["2", "0", "2", "4"]  # digits split
+    assert tok.eos_token == models.EOS and tok.pad_token == models.PAD and tok.eos_token_id != tok.pad_token_id
+
+
+def test_tiny_model_loads_like_a_real_one(tiny_dir, tiny):
+    model, tok = tiny
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.config.vocab_size == len(tok)
+    assert models.eos_ids(model, tok) == [tok.eos_token_id]
+    again = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+# ------------------------------------------------------------------------- names and loading
+
+@pytest.mark.parametrize("name, want", [
+    ("Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"),
+    ("Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-1.5B-Instruct"),
+    ("DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"),
+    ("Llama-3.2-1B", "meta-llama/Llama-3.2-1B"),
+    ("SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),
+    ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
+])
+def test_short_names_map_to_hub_ids(name, want):
+    assert models.model_candidates(name) == [("hub id", want)]
+
+
+def test_unknown_model_is_one_clear_error(tmp_path):
+    with pytest.raises(common.UserError) as e:
+        models.load_model("Qwen2.5-does-not-exist")
+    msg = str(e.value)
+    assert "Qwen2.5-does-not-exist" in msg and "Qwen/Qwen2.5-does-not-exist" in msg and "tried" in msg
+    with pytest.raises(common.UserError, match="does not exist"):
+        models.load_model(str(tmp_path / "missing-folder"))
+
+
+def test_local_folder_and_bare_ids(tiny_dir):
+    assert models.model_candidates(tiny_dir) == [("local folder", tiny_dir)]
+    assert models.model_candidates("gpt2") == [("hub id", "gpt2")]
