@@ -322,25 +322,9 @@ def next_prompts(num_examples, state, k, seed):
     return out
 
 
-def reward_defaults(args):
-    """Fields the rewards read when an example does not carry them itself."""
-    return {"lang": args.lang, "overlong_buffer": args.overlong_buffer}
-
-
 # ----------------------------------------------------------------------------------------
 # the run's pieces, in the order train() uses them: models and data, then a step's metrics,
 # its log line and its warnings (sampling and scoring are nanor1/sampling.py's rollout)
-
-
-def load_policy(args, device, resumed):
-    """The policy and its tokenizer, in float32 master weights (--dtype is for compute). A
-    resumed run takes the weights from its checkpoint, with LoRA only the adapters. Under
-    FSDP the whole model comes to the CPU first, to be sharded by add_reference."""
-    load_on = torch.device("cpu") if args.fsdp else device
-    model, tok = models.load_model(resumed if resumed and not args.lora_rank else args.model, load_on, torch.float32)
-    if args.lora_rank:  # a frozen base with adapters; a resumed run takes the adapters from its checkpoint
-        model = models.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
-    return model, tok
 
 
 def load_data(args, tok, model):
@@ -370,8 +354,8 @@ def add_reference(args, model, device, resumed, state):
         # policy has moved on: the reference is --model, or where --ref-reset-every moved it
         moved = state["ref"] if state else None
         if args.fsdp or (resumed and moved is None):
-            load_on = torch.device("cpu") if args.fsdp else device
-            ref = models.load_model(args.model, load_on, torch.float32, tokenizer=False)[0]
+            ref = models.load_model(args.model, torch.device("cpu") if args.fsdp else device, torch.float32,
+                                    tokenizer=False)[0]
         else:
             ref = copy.deepcopy(model)
         if moved is not None:
@@ -474,7 +458,8 @@ def train(args):
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
     resumed, state = (checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED) if args.resume
                       else (None, None))
-    model, tok = load_policy(args, device, resumed)
+    load_on = torch.device("cpu") if args.fsdp else device  # under FSDP on the CPU until sharded
+    model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
     eos = models.eos_ids(model, tok)
     examples, prompt_ids, eval_examples, eval_ids = load_data(args, tok, model)
     model, ref = add_reference(args, model, device, resumed, state)
@@ -491,6 +476,7 @@ def train(args):
         common.print0(f"resuming from {resumed} after step {start}")
 
     amp = functools.partial(common.autocast, device, dtype)  # with amp(): compute in --dtype
+    defaults = {"lang": args.lang, "overlong_buffer": args.overlong_buffer}  # for examples without them
     flags = vars(args)
     log, finish = common.open_run(args.out, flags, args.wandb_project) if rank == 0 else (lambda *a: None, lambda: None)
 
@@ -500,7 +486,7 @@ def train(args):
         with amp():
             ev = sampling.evaluate(model, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
                                    args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                                   args.prompts_per_step, reward_defaults(args), common.print0)
+                                   args.prompts_per_step, defaults, common.print0)
         log(step, {"step": step, **ev})
         common.print0(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
                       f" | len {ev['eval_len']:.0f}")
@@ -531,7 +517,7 @@ def train(args):
             with amp():
                 rows = sampling.rollout(model, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
                                         args.max_new_tokens, args.temperature, args.top_p,
-                                        [] if args.ignore_eos else eos, rewards, generator, reward_defaults(args),
+                                        [] if args.ignore_eos else eos, rewards, generator, defaults,
                                         warn=common.print0, timings=timings)  # (Pr * G,) prompt-major
             sampled += rows
             for g in range(Pr):

@@ -376,16 +376,12 @@ def load_models(args, device, dtype, resumed):
     frozen teacher (None without --teacher) -> (model, tok, teacher). A resumed run takes the
     student from its checkpoint, with LoRA only the adapters. Under FSDP on the CPU until sharded."""
     load_on = torch.device("cpu") if args.fsdp else device
-    if resumed and not args.lora_rank:
-        model, tok = models.load_model(resumed, load_on, torch.float32)
-    elif args.init == "scratch":
-        tok = models.build_tiny_tokenizer() if not args.tokenizer else load_tokenizer(args.tokenizer)
+    if args.init == "scratch" and not resumed:
+        tok = models.build_tiny_tokenizer() if not args.tokenizer else models.load_tokenizer(args.tokenizer)
         model = models.new_model(tok, args.hidden, args.layers, args.heads, args.kv_heads, args.mlp,
                                  args.context, args.seed).to(load_on)
     else:
-        model, tok = models.load_model(args.model, load_on, torch.float32)
-    if args.lora_rank:  # a frozen base with adapters
-        model = models.add_lora(model, args.lora_rank, args.lora_alpha, resumed and os.path.join(resumed, "adapter"))
+        model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
     if model.get_output_embeddings().weight.shape[0] < len(tok):
         raise common.UserError(f"the model predicts {model.get_output_embeddings().weight.shape[0]} tokens but "
                                f"its tokenizer has {len(tok)}")
@@ -612,21 +608,6 @@ def train(args):
     finish()
     common.end_distributed()
     return history
-
-
-def load_tokenizer(name):
-    """A tokenizer alone (for --init scratch --tokenizer), from a folder or the hub cache."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-    except Exception as e:  # the hub client raises many types; all mean "not here"
-        raise common.UserError(f"--tokenizer {name}: could not load a tokenizer ({str(e).strip()[:200]})") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if tok.eos_token_id is None:
-        raise common.UserError(f"--tokenizer {name}: it has no end token, so completions could never end")
-    return tok
 
 
 def main(argv=None):

@@ -72,6 +72,32 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
     raise UserError(f"could not load model '{name}'{hint}; tried: " + "; ".join(tried))
 
 
+def load_for_training(name, device, resumed=None, lora_rank=0, lora_alpha=32.0):
+    """A model to train and its tokenizer -> (model, tok), in float32 master weights (the
+    compute dtype is autocast's): from `name`, or from the checkpoint `resumed` goes on from;
+    with LoRA (lora_rank > 0) the frozen base comes from `name` and the adapters from the
+    checkpoint, or start at zero."""
+    model, tok = load_model(resumed if resumed and not lora_rank else name, device, torch.float32)
+    if lora_rank:
+        model = add_lora(model, lora_rank, lora_alpha, resumed and os.path.join(resumed, "adapter"))
+    return model, tok
+
+
+def load_tokenizer(name):
+    """A tokenizer alone (sft.py --init scratch --tokenizer), from a folder or the hub cache."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+    except Exception as e:  # the hub client raises many types; all mean "not here"
+        raise UserError(f"--tokenizer {name}: could not load a tokenizer ({str(e).strip()[:200]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"--tokenizer {name}: it has no end token, so completions could never end")
+    return tok
+
+
 def eos_ids(model, tok):
     """All token ids that end a completion: the tokenizer's eos and the generation config's."""
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()

@@ -234,7 +234,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
         assert report["prompts"] == 20 and report["samples"] == 40
     # the kept samples are what the student was trained on, each one verified
     kept = records(out / "kept.jsonl")
-    assert kept and card["rows"][4]["model"].startswith(f"kept.jsonl: {len(kept)} of 120 samples")
+    assert kept and card["rows"][4]["model"].startswith(f"kept.jsonl: {len(kept)} of 400 samples")
     assert all(R.accuracy(k["completion"], k) == 1.0 and R.format_reward(k["completion"], k) == 1.0 for k in kept)
     student_args = json.load(open(out / "student" / "args.json"))
     assert student_args["data"] == str(out / "kept.jsonl") and student_args["model"].startswith(str(out / "small"))
