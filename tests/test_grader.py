@@ -1,7 +1,6 @@
 """The math answer grader: answer extraction, the conventions of its equality, its safety
 (model text never evaluated, absurd inputs refused, a hard time limit) and its worker
-processes. Cases are written by hand here; the public conformance set in ../shared is a
-measurement, not a test fixture."""
+processes. Cases are written by hand here."""
 
 import builtins
 import os
