@@ -469,11 +469,9 @@ def train(args):
     eval_generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # eval must not shift training
     data_state, start = {"epoch": 0, "pos": 0}, 0
     if state:
-        checkpoints.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
-        data_state, start = state["data"], state["step"]
-        for name in ["metrics.jsonl", "samples.jsonl"] if rank == 0 else []:  # logged after the checkpoint: redone
-            checkpoints.truncate_jsonl(os.path.join(args.out, name), start)
-        common.print0(f"resuming from {resumed} after step {start}")
+        start = checkpoints.restore_training(model, opt, state, resumed, world, args.weight_decay, args.out,
+                                             ["metrics.jsonl", "samples.jsonl"])
+        data_state = state["data"]
 
     amp = functools.partial(common.autocast, device, dtype)  # with amp(): compute in --dtype
     defaults = {"lang": args.lang, "overlong_buffer": args.overlong_buffer}  # for examples without them
@@ -618,13 +616,11 @@ def train(args):
         if (args.save_every and step % args.save_every == 0) or last:
             # everything the next step depends on, so that a resumed run trains exactly as this one
             # (the weights, optimizer and data order are the same in every process)
-            path = checkpoints.save_training_checkpoint(
+            checkpoints.save_training_checkpoint(
                 args.out, step, model, opt, tok, flags,
                 {"data": dict(data_state),
                  "ref": common.full_state_dict(ref) if ref is not None and args.ref_reset_every else None},
                 [generator, eval_generator], args.save_total_limit, rank)
-            if path:
-                common.print0(f"saved {path}")
     finish()
     common.end_distributed()
     return history

@@ -501,11 +501,8 @@ def train(args):
     eos = models.eos_ids(model, tok)
     start = 0
     if state:
-        checkpoints.restore_optimizer(model, opt, state, resumed, world, args.weight_decay)
-        start = state["step"]
-        if rank == 0:
-            checkpoints.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)  # later steps are redone
-        common.print0(f"resuming from {resumed} after step {start}")
+        start = checkpoints.restore_training(model, opt, state, resumed, world, args.weight_decay, args.out,
+                                             ["metrics.jsonl"])
 
     amp = functools.partial(common.autocast, device, dtype)  # with amp(): compute in --dtype
     flags = vars(args)
@@ -601,10 +598,8 @@ def train(args):
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last:
-            path = checkpoints.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
-                                                        args.save_total_limit, rank)
-            if path:
-                common.print0(f"saved {path}")
+            checkpoints.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
+                                                 args.save_total_limit, rank)
     finish()
     common.end_distributed()
     return history

@@ -125,8 +125,8 @@ def resume_from(out, resume, flags, checked):
 def save_training_checkpoint(out, step, model, opt, tok, flags, state, generators, keep, rank):
     """OUT/step-NNNNNN for --resume: the model, the optimizer's state, `state` (what else the
     script must restore), every process's random streams and the flags, written by process
-    0, which then keeps the newest `keep` checkpoints. Every process must call it (an FSDP
-    model's shards are gathered). Returns the path (None in the other processes)."""
+    0, which then keeps the newest `keep` checkpoints and says where it wrote. Every process
+    must call it (an FSDP model's shards are gathered). Returns the path (None in the others)."""
     rngs = all_gather([rng_state(generators)])  # each process's own, in rank order
     weights, optimizer = None, opt.state_dict()
     if is_sharded(model):  # whole tensors, gathered to process 0's CPU
@@ -143,7 +143,19 @@ def save_training_checkpoint(out, step, model, opt, tok, flags, state, generator
     path = save_checkpoint(os.path.join(out, f"step-{step:06d}"), model, tok, flags,
                            {**state, "optimizer": optimizer, "step": step, "rng": rngs, "flags": flags}, weights)
     prune_checkpoints(out, keep)
+    print0(f"saved {path}")
     return path
+
+
+def restore_training(model, opt, state, path, world, weight_decay, out, logs):
+    """Go on from the training state of the checkpoint at `path` -> its step: the optimizer
+    restored, and the records that `logs` (files of `out`) got after that step dropped,
+    since the resumed run logs them again."""
+    restore_optimizer(model, opt, state, path, world, weight_decay)
+    for name in logs if int(os.environ.get("RANK", "0")) == 0 else []:
+        truncate_jsonl(os.path.join(out, name), state["step"])
+    print0(f"resuming from {path} after step {state['step']}")
+    return state["step"]
 
 
 def restore_optimizer(model, opt, state, path, world, weight_decay):
