@@ -73,13 +73,10 @@ def get_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON line of results (what --compare reads)")
     p.add_argument("--work-dir", default=None, help="where the model and prompts are written; default a new temporary folder")
     args = p.parse_args(argv)
-    for flag in ["group", "prompts_per_step", "max_new_tokens", "steps", "runs"]:
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    common.check_ranges(p, args, ["group", "prompts_per_step", "max_new_tokens", "steps", "runs", "micro_batch_size"],
+                        ["warmup", "threads"])
     if args.group < 2:
         p.error("--group must be at least 2")
-    if args.warmup < 0 or args.micro_batch_size < 1 or args.threads < 0:
-        p.error("--warmup and --threads must be 0 or more, --micro-batch-size 1 or more")
     return args
 
 

@@ -52,7 +52,6 @@ import sys
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import rewards as R
@@ -144,7 +143,7 @@ def get_args(argv=None):
     common.check_ranges(p, args, ["num_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size",
                                   "eval_samples", "max_sampling_rounds"],
                         ["warmup_steps", "eval_every", "eval_prompts", "save_every", "save_total_limit", "sample_every",
-                         "ref_reset_every", "max_bad_steps", "lr", "weight_decay", "grad_clip", "beta", "lora_rank"])
+                         "ref_reset_every", "max_bad_steps", "lr", "weight_decay", "grad_clip", "beta"])
     if args.temperature <= 0:
         p.error("--temperature must be > 0: greedy groups have no variance, and log-probs divide by it")
     if args.eval_temperature < 0:
@@ -153,6 +152,8 @@ def get_args(argv=None):
         p.error("--top-p and --eval-top-p must be in (0, 1]")
     if args.clip_low < 0 or args.clip_high < 0:
         p.error("--clip-low and --clip-high must be >= 0 (R1 uses 10: no clipping in practice)")
+    if args.lora_rank < 0:
+        p.error("--lora-rank must be 0 (off) or more")
     if args.ref_reset_every and args.beta == 0:
         p.error("--ref-reset-every needs --beta > 0: at --beta 0 no reference model is loaded")
     if args.lora_rank and args.ref_reset_every:
@@ -229,6 +230,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1
     the model's own logits. Padding positions get 0. Gradients flow unless the caller is
     under torch.no_grad(). Returns logp, or (logp, entropy) with with_entropy.
     """
+    from torch.utils.checkpoint import checkpoint
+
     B, T = ids.shape
     input_ids = torch.cat([prompt_ids, ids], dim=1)  # (B, Lp + T)
     attn = torch.cat([prompt_mask, mask], dim=1)
@@ -339,7 +342,7 @@ def load_data(args, tok, model):
     return examples, ids, eval_examples, eval_ids
 
 
-def add_reference(args, model, device, resumed, state):
+def prepare_models(args, model, device, resumed, state):
     """The memory savers on the policy, then the frozen reference -> (policy, reference).
     No reference at --beta 0, nor with LoRA: then the base with its adapters off is the
     reference. Under FSDP each process keeps 1/N of the policy, its gradients and AdamW
@@ -462,7 +465,7 @@ def train(args):
     model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
     eos = models.eos_ids(model, tok)
     examples, prompt_ids, eval_examples, eval_ids = load_data(args, tok, model)
-    model, ref = add_reference(args, model, device, resumed, state)
+    model, ref = prepare_models(args, model, device, resumed, state)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # own samples per process

@@ -44,7 +44,6 @@ import functools
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -373,8 +372,9 @@ def same_vocabulary(a, b):
 
 def load_models(args, device, dtype, resumed):
     """The student (float32 master weights: --dtype is for compute), its tokenizer and the
-    frozen teacher (None without --teacher) -> (model, tok, teacher). A resumed run takes the
-    student from its checkpoint, with LoRA only the adapters. Under FSDP on the CPU until sharded."""
+    frozen teacher (None without --teacher) -> (model, tok, teacher); --max-len checked
+    against the student's context, its default set. A resumed run takes the student from its
+    checkpoint, with LoRA only the adapters. Under FSDP on the CPU until sharded."""
     load_on = torch.device("cpu") if args.fsdp else device
     if args.init == "scratch" and not resumed:
         tok = models.build_tiny_tokenizer() if not args.tokenizer else models.load_tokenizer(args.tokenizer)
@@ -385,6 +385,11 @@ def load_models(args, device, dtype, resumed):
     if model.get_output_embeddings().weight.shape[0] < len(tok):
         raise common.UserError(f"the model predicts {model.get_output_embeddings().weight.shape[0]} tokens but "
                                f"its tokenizer has {len(tok)}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if args.max_len is None:
+        args.max_len = min(context or 4096, 4096)
+    elif context and args.max_len > context:  # said before a teacher is loaded
+        raise common.UserError(f"--max-len {args.max_len} is longer than the model's context of {context} tokens")
     teacher = None
     if args.teacher:
         # frozen, so its weights are kept in the compute dtype: half the memory in bf16, at the price of
@@ -473,12 +478,7 @@ def train(args):
     resumed, state = (checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED) if args.resume
                       else (None, None))
     model, tok, teacher = load_models(args, device, dtype, resumed)
-    vocab = len(tok)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if args.max_len is None:
-        args.max_len = min(context or 4096, 4096)
-    elif context and args.max_len > context:
-        raise common.UserError(f"--max-len {args.max_len} is longer than the model's context of {context} tokens")
+    vocab, context = len(tok), getattr(model.config, "max_position_embeddings", None)
     train_set, counts, val_set, val_counts = load_data(args, tok, end_token(model, tok, args.template))
     eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context,
                                                    ["answer"], args.eval_prompts) if args.eval_data else ([], []))
@@ -539,7 +539,7 @@ def train(args):
     batches, epoch = [], -1  # the data order is a function of the step: nothing to restore
     for step in tqdm(range(start + 1, num_steps + 1), desc="sft", dynamic_ncols=True, initial=start, total=num_steps,
                      disable=rank > 0):
-        t0 = time.time()
+        t0 = common.clock(device)
         if (step - 1) // steps_per_epoch != epoch:  # a new epoch: a new seeded order
             epoch = (step - 1) // steps_per_epoch
             batches = epoch_batches(lengths, args.batch_size, epoch, args.seed, args.group_by_length)
@@ -579,7 +579,7 @@ def train(args):
         else:  # a non-finite loss makes a non-finite gradient too
             common.print0(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
         bad_steps = 0 if math.isfinite(gnorm) else bad_steps + 1
-        seconds = time.time() - t0
+        seconds = common.clock(device) - t0
 
         # log: one line, one jsonl record
         record = {"step": step, "epoch": step / steps_per_epoch, "loss": sums["loss"], "ce": sums["ce"]}

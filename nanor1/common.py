@@ -27,9 +27,11 @@ class UserError(Exception):
 
 def check_ranges(parser, args, at_least_1=(), at_least_0=()):
     """Stop with parser.error naming the first flag (an attribute of args) below its bound."""
-    for names, bound, words in [(at_least_1, 1, "at least 1"), (at_least_0, 0, "0 or more")]:
+    for names, bound in [(at_least_1, 1), (at_least_0, 0)]:
         for name in names:
-            if getattr(args, name) < bound:
+            value = getattr(args, name)
+            if value < bound:
+                words = f">= {bound}" if isinstance(value, float) else "at least 1" if bound else "0 or more"
                 parser.error(f"--{name.replace('_', '-')} must be {words}")
 
 

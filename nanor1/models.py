@@ -150,10 +150,11 @@ def build_tiny_tokenizer(vocab_size=384):
 
     Every byte is in the alphabet, so any text round-trips; the R1 tags are single tokens.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
+    bpe = Tokenizer(BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
