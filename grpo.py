@@ -99,7 +99,7 @@ def get_args(argv=None):
     # loss
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference model is loaded")
     p.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
-    p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low; >= 1 = never")
+    p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low; >= 1 = never (R1: 10)")
     p.add_argument("--clip-high", type=float, default=0.2, help="ratio clipped above at 1 + clip-high (DAPO: 0.28)")
     p.add_argument("--scale", default="std", choices=["std", "none"], help="advantage scaling; none = Dr. GRPO")
     p.add_argument("--agg", default="seq-mean", choices=["seq-mean", "token-mean", "seq-sum"],
@@ -124,7 +124,7 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="evaluate on --eval-data every N steps; with --eval-data it also runs at start and end")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per eval prompt, k of pass@1")
     p.add_argument("--eval-prompts", type=int, default=0, help="eval prompts used; 0 = all")
-    p.add_argument("--eval-temperature", type=float, default=0.6, help="eval sampling temperature (R1: 0.6)")
+    p.add_argument("--eval-temperature", type=float, default=0.6, help="eval sampling temperature (R1: 0.6); 0 = greedy")
     p.add_argument("--eval-top-p", type=float, default=0.95, help="eval nucleus mass (R1: 0.95)")
     # logging and output
     p.add_argument("--out", default="out/grpo", help="output folder: metrics.jsonl, samples.jsonl, checkpoints")
@@ -143,15 +143,12 @@ def get_args(argv=None):
     common.check_ranges(p, args, ["num_steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch_size",
                                   "eval_samples", "max_sampling_rounds"],
                         ["warmup_steps", "eval_every", "eval_prompts", "save_every", "save_total_limit", "sample_every",
-                         "ref_reset_every", "max_bad_steps", "lr", "weight_decay", "grad_clip", "beta"])
+                         "ref_reset_every", "max_bad_steps", "lr", "weight_decay", "grad_clip", "beta", "clip_low", "clip_high",
+                         "eval_temperature"])
     if args.temperature <= 0:
         p.error("--temperature must be > 0: greedy groups have no variance, and log-probs divide by it")
-    if args.eval_temperature < 0:
-        p.error("--eval-temperature must be >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1 or not 0 < args.eval_top_p <= 1:
         p.error("--top-p and --eval-top-p must be in (0, 1]")
-    if args.clip_low < 0 or args.clip_high < 0:
-        p.error("--clip-low and --clip-high must be >= 0 (R1 uses 10: no clipping in practice)")
     if args.lora_rank < 0:
         p.error("--lora-rank must be 0 (off) or more")
     if args.ref_reset_every and args.beta == 0:
@@ -309,25 +306,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
 
 
 # ----------------------------------------------------------------------------------------
-# data order
-
-
-def next_prompts(num_examples, state, k, seed):
-    """k example indices from a seeded per-epoch shuffle; state {"epoch", "pos"} is advanced."""
-    out = []
-    while len(out) < k:
-        order = np.random.default_rng(seed + state["epoch"]).permutation(num_examples)
-        take = order[state["pos"]: state["pos"] + k - len(out)].tolist()
-        out += take
-        state["pos"] += len(take)
-        if state["pos"] >= num_examples:
-            state["epoch"], state["pos"] = state["epoch"] + 1, 0
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# the run's pieces, in the order train() uses them: models and data, then a step's metrics,
-# its log line and its warnings (sampling and scoring are nanor1/sampling.py's rollout)
+# the run's pieces, in the order train() uses them: models and data, a step's metrics, its
+# log line and warnings (the data order is common.next_prompts, sampling is sampling.rollout)
 
 
 def load_data(args, tok, model):
@@ -393,13 +373,9 @@ def step_metrics(step, sampled, rewards_names, G):
     return record
 
 
-def show(value, spec):
-    """A metric for the log line; '-' when there is none (a step without an update)."""
-    return "-" if value is None else format(value, spec)
-
-
 def log_line(record, args, rewards_names):
-    """The step's one line, its keys always in this order."""
+    """The step's one line, its keys always in this order ('-' for what a step without an update lacks)."""
+    show = lambda value, spec: "-" if value is None else format(value, spec)
     line = f"step {record['step']}/{args.num_steps} | reward {record['reward']:.3f}"
     shown = rewards_names + ([] if "accuracy" in rewards_names else ["accuracy"])
     line += "".join(f" | {name} {record[name]:.3f}" for name in shown if name in record)
@@ -430,14 +406,6 @@ def warn_about(record, args, last_warned):
             common.print0(f"warning: {message}")
 
 
-def write_samples(path, step, rows):
-    """Append rows' completions to samples.jsonl, with their prompt, answer and rewards, to read."""
-    for r in rows:
-        common.append_jsonl(path, {"step": step, "prompt": r["example"]["prompt"], "answer": r["example"].get("answer"),
-                                   "completion": r["text"], "reward": r["reward"], "parts": r["parts"],
-                                   "num_tokens": len(r["completion"]), "truncated": r["truncated"]})
-
-
 # ----------------------------------------------------------------------------------------
 # training: each step samples, scores, computes advantages, updates, logs; then evaluates
 # and saves on their cadence
@@ -447,7 +415,6 @@ def train(args):
     # under torchrun each process samples its own share of the prompts; the gradients are
     # summed across processes, so every process takes the same step; only process 0 writes
     rank, world, device, dtype = common.start_run(args)
-    os.makedirs(args.out, exist_ok=True)
     rewards = R.parse_rewards(args.rewards)
     rewards_names = [name for name, _, _ in rewards]
     P, G = args.prompts_per_step, args.group
@@ -459,8 +426,7 @@ def train(args):
                   f"{str(dtype).removeprefix('torch.')}")
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
-    resumed, state = (checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED) if args.resume
-                      else (None, None))
+    resumed, state = checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED)
     load_on = torch.device("cpu") if args.fsdp else device  # under FSDP on the CPU until sharded
     model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
     eos = models.eos_ids(model, tok)
@@ -479,7 +445,7 @@ def train(args):
     amp = functools.partial(common.autocast, device, dtype)  # with amp(): compute in --dtype
     defaults = {"lang": args.lang, "overlong_buffer": args.overlong_buffer}  # for examples without them
     flags = vars(args)
-    log, finish = common.open_run(args.out, flags, args.wandb_project) if rank == 0 else (lambda *a: None, lambda: None)
+    log, finish = common.open_run(args.out, flags, args.wandb_project, rank=rank)
 
     def run_eval(step):  # on process 0 only, the others going on; under FSDP every process takes part
         if rank and not args.fsdp:
@@ -489,8 +455,7 @@ def train(args):
                                    args.max_new_tokens, args.eval_temperature, args.eval_top_p,
                                    args.prompts_per_step, defaults, common.print0)
         log(step, {"step": step, **ev})
-        common.print0(f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
-                      f" | len {ev['eval_len']:.0f}")
+        common.print0(sampling.eval_line(step, ev))
 
     if eval_examples and not start:
         run_eval(0)
@@ -512,7 +477,7 @@ def train(args):
         max_rounds = args.max_sampling_rounds if args.dynamic_sampling else 1
         while rounds < max_rounds and common.all_sum([len(batch) < Pr * G], device)[0]:
             rounds += 1
-            idx = next_prompts(len(examples), data_state, P, args.seed)[rank * Pr:(rank + 1) * Pr]
+            idx = common.next_prompts(len(examples), data_state, P, args.seed)[rank * Pr:(rank + 1) * Pr]
             if len(batch) == Pr * G:
                 continue  # this process is full; the data order still moves on with the others'
             with amp():
@@ -536,7 +501,7 @@ def train(args):
         # micro-batches, one optimizer step each
         sums = {"kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
         n_tok_logged, gnorm, skipped = 0, float("nan"), False
-        lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
+        lr = common.lr_at(step, args.num_steps, args.lr, args.warmup_steps, 1.0)  # warm-up, then constant
         for pg in opt.param_groups:
             pg["lr"] = lr
         adv = group_advantages(torch.tensor([r["reward"] for r in batch]), G, args.scale).to(device) if batch else None
@@ -582,20 +547,13 @@ def train(args):
                     sums[k] += m[k].item() * n_tok
                 sums["entropy"] += (ent * mask).sum().item()
                 n_tok_logged += n_tok
-            common.sum_gradients(model)  # every process now holds the whole batch's gradient
-            gnorm = common.clip_gradients(model, args.grad_clip)
-            if not math.isfinite(gnorm):  # a non-finite loss makes a non-finite gradient too
-                common.print0(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
-                opt.zero_grad(set_to_none=True)
-                skipped = True
-                continue
-            opt.step()
+            gnorm = common.optimizer_step(model, opt, args.grad_clip, step)  # summed over processes, clipped
+            skipped = skipped or not math.isfinite(gnorm)
         *totals, n_tok_logged, n_sampled = common.all_sum(
             [*sums.values(), n_tok_logged, sum(len(r["completion"]) for r in sampled)], device)
         for k, total in zip(sums, totals):  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
             record[k] = total / n_tok_logged if n_tok_logged else None
-        record["gnorm"] = gnorm if math.isfinite(gnorm) else None
-        record["lr"] = lr
+        record.update({"gnorm": gnorm if math.isfinite(gnorm) else None, "lr": lr})
         t_end = clock()
         record["tok/s"] = n_sampled / (t_end - t0)  # generated tokens, all processes
         # where the step's time went (process 0's): sampling, scoring, the reference's log-probs, the update
@@ -610,7 +568,7 @@ def train(args):
         common.stop_if_bad(bad_steps, args.max_bad_steps)
         warn_about(record, args, last_warned)
         if args.sample_every and step % args.sample_every == 0 and rank == 0:
-            write_samples(os.path.join(args.out, "samples.jsonl"), step, sampled[:G])
+            sampling.write_samples(os.path.join(args.out, "samples.jsonl"), step, sampled[:G])
 
         # 5. evaluate and save on their cadence, and at the end
         last = step == args.num_steps

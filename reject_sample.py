@@ -517,8 +517,8 @@ def run(args):
             seed = int(np.random.SeedSequence([args.seed, batch[0]]).generate_state(1)[0])
             generator = torch.Generator(device=device).manual_seed(seed)
             rows = sampling.rollout(model, tok, [examples[i] for i in batch], [prompt_ids[i] for i in batch], k,
-                                  args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
-                                  {"lang": args.lang}, warn)  # (P*k,) rows, prompt-major
+                                    args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
+                                    {"lang": args.lang}, warn)  # (P*k,) rows, prompt-major
             judged = list(pool.map(lambda j: judge_prompt(batch[j], examples[batch[j]], rows[j * k:(j + 1) * k],
                                                           args, correct_name), todo))
             if files:

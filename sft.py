@@ -347,14 +347,6 @@ def token_losses(model, ids, attn, mask, teacher=None, kd_temperature=1.0, vocab
     return nll, (kl if teacher is not None else None)
 
 
-def lr_at(step, num_steps, lr, warmup, min_ratio):
-    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio * lr at num_steps."""
-    if step <= warmup:
-        return lr * step / warmup
-    progress = (step - warmup) / max(1, num_steps - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def same_vocabulary(a, b):
     """None when two tokenizers give every token the same id, else what differs. (Their end
     tokens may differ, as between a base model and its instruct version: the KL is over ids.)"""
@@ -382,9 +374,6 @@ def load_models(args, device, dtype, resumed):
                                  args.context, args.seed).to(load_on)
     else:
         model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
-    if model.get_output_embeddings().weight.shape[0] < len(tok):
-        raise common.UserError(f"the model predicts {model.get_output_embeddings().weight.shape[0]} tokens but "
-                               f"its tokenizer has {len(tok)}")
     context = getattr(model.config, "max_position_embeddings", None)
     if args.max_len is None:
         args.max_len = min(context or 4096, 4096)
@@ -475,8 +464,7 @@ def train(args):
     rank, world, device, dtype = common.start_run(args)
 
     # models and data; a resumed run takes the student (and all else) from its checkpoint
-    resumed, state = (checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED) if args.resume
-                      else (None, None))
+    resumed, state = checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED)
     model, tok, teacher = load_models(args, device, dtype, resumed)
     vocab, context = len(tok), getattr(model.config, "max_position_embeddings", None)
     train_set, counts, val_set, val_counts = load_data(args, tok, end_token(model, tok, args.template))
@@ -506,8 +494,7 @@ def train(args):
 
     amp = functools.partial(common.autocast, device, dtype)  # with amp(): compute in --dtype
     flags = vars(args)
-    log, finish = (common.open_run(args.out, flags, args.wandb_project, header={"data": counts, "val_data": val_counts})
-                   if rank == 0 else (lambda *a: None, lambda: None))
+    log, finish = common.open_run(args.out, flags, args.wandb_project, {"data": counts, "val_data": val_counts}, rank)
 
     def run_eval(step):  # on process 0 alone; under FSDP every process takes part in the passes
         if rank and not args.fsdp:
@@ -525,8 +512,7 @@ def train(args):
                 record.update(sampling.evaluate(model, tok, eval_examples, eval_ids, eos, generator, args.eval_samples,
                                                 args.max_new_tokens, args.eval_temperature, args.eval_top_p,
                                                 args.micro_batch_size, warn=common.print0))
-            common.print0(f"eval step {step} | pass@1 {record['eval_pass@1']:.3f} | format {record['eval_format']:.3f}"
-                          f" | len {record['eval_len']:.0f} | trunc {record['eval_trunc']:.2f}")
+            common.print0(sampling.eval_line(step, record))
         model.train()
         if len(record) > 1:
             log(step, record)
@@ -546,7 +532,7 @@ def train(args):
         batch = batches[(step - 1) % steps_per_epoch][rank::world]  # this process's share
         if args.group_by_length:  # longest first: the micro-batches hold similar lengths and pad little
             batch = sorted(batch, key=lambda i: -lengths[i])
-        lr = lr_at(step, num_steps, args.lr, warmup, args.min_lr_ratio)
+        lr = common.lr_at(step, num_steps, args.lr, warmup, args.min_lr_ratio)
         for pg in opt.param_groups:
             pg["lr"] = lr
 
@@ -570,15 +556,10 @@ def train(args):
             sums["loss"] += loss.item()
             sums["ce"] += ce.item()
             sums["kd"] += kd.item() if kd is not None else 0.0
-        common.sum_gradients(model)  # every process now holds the whole batch's gradient
+        gnorm = common.optimizer_step(model, opt, args.grad_clip, step)  # summed over processes, clipped
+        bad_steps = 0 if math.isfinite(gnorm) else bad_steps + 1
         *totals, n_real, n_padded = common.all_sum([*sums.values(), n_real, n_padded], device)
         sums = dict(zip(sums, totals))
-        gnorm = common.clip_gradients(model, args.grad_clip)
-        if math.isfinite(gnorm):
-            opt.step()
-        else:  # a non-finite loss makes a non-finite gradient too
-            common.print0(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
-        bad_steps = 0 if math.isfinite(gnorm) else bad_steps + 1
         seconds = common.clock(device) - t0
 
         # log: one line, one jsonl record

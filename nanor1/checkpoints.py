@@ -89,11 +89,14 @@ def set_rng_state(state, generators=()):
 
 
 def resume_from(out, resume, flags, checked):
-    """The checkpoint --resume names -> (its folder, its training state). `resume` is "latest"
-    (the newest checkpoint of `out` that holds a training state) or a checkpoint folder.
+    """The checkpoint --resume names -> (its folder, its training state); (None, None) for a
+    new run (`resume` None). `resume` is "latest" (the newest checkpoint of `out` that holds
+    a training state) or a checkpoint folder.
     Refuses to resume into an `out` that holds later checkpoints (two histories would mix),
     and warns about changed flags that the resumed run will follow. checked: the script's
     flags whose change makes the run differ from an uninterrupted one."""
+    if resume is None:
+        return None, None
     if resume == "latest":
         found = sorted(d for d in os.listdir(out) if d.startswith("step-")
                        and os.path.exists(os.path.join(out, d, STATE_FILE))) if os.path.isdir(out) else []

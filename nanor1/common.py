@@ -2,12 +2,14 @@
 
 One topic a header: errors a user can fix; device and dtype, decided in one place; the
 few collectives of several processes (torchrun), FSDP2 sharding among them; a run's seeds,
-logs and bad-step guard; jsonl files; prompt templates and their encoding. Where models
-come from is models.py, sampling is sampling.py, checkpoints are checkpoints.py.
+logs, learning rate, optimizer step and bad-step guard; jsonl files; prompt templates and
+their encoding. Where models come from is models.py, sampling is sampling.py, checkpoints
+are checkpoints.py.
 """
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -222,7 +224,8 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 # ----------------------------------------------------------------------------------------
-# a run: seeds, the output folder's logs, the bad-step guard
+# a run: seeds, the output folder's logs, the learning rate, the update's end and the
+# bad-step guard
 
 
 def start_run(args):
@@ -241,10 +244,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def open_run(out, flags, wandb_project=None, header=None):
+def open_run(out, flags, wandb_project=None, header=None, rank=0):
     """Create the output folder, write the flags (args.json and the first metrics.jsonl record,
     with `header`), start wandb when asked -> (log, finish): log(step, record) appends a
-    record to metrics.jsonl (and wandb); finish() closes wandb."""
+    record to metrics.jsonl (and wandb); finish() closes wandb. Only process 0 writes: in
+    the others both do nothing."""
+    if rank:
+        return (lambda *a: None), (lambda: None)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(flags, f, indent=2)
@@ -268,6 +274,28 @@ def open_run(out, flags, wandb_project=None, header=None):
             wandb.finish()
 
     return log, finish
+
+
+def lr_at(step, num_steps, lr, warmup, min_ratio):
+    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio * lr at num_steps
+    (min_ratio 1: constant after the warm-up)."""
+    if step <= warmup:
+        return lr * step / warmup
+    progress = (step - warmup) / max(1, num_steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(model, opt, max_norm, step):
+    """The end of an update: sum the gradients over the processes, clip them, step -> the norm
+    before clipping. A non-finite norm (from a non-finite loss) skips the step and says so."""
+    sum_gradients(model)  # every process now holds the whole batch's gradient
+    gnorm = clip_gradients(model, max_norm)
+    if math.isfinite(gnorm):
+        opt.step()
+    else:
+        print0(f"warning: step {step}: gradient norm is {gnorm}; update skipped")
+        opt.zero_grad(set_to_none=True)
+    return gnorm
 
 
 def stop_if_bad(bad_steps, limit):
@@ -321,7 +349,8 @@ def append_jsonl(path, record):
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 # ----------------------------------------------------------------------------------------
-# prompts: the one formatting and encoding every script uses
+# prompts: the one formatting and encoding every script uses, and the seeded order a
+# training run draws them in
 
 
 # DeepSeek-R1-Zero's template (Table 1 of the R1 paper) for base models.
@@ -389,3 +418,17 @@ def load_prompts(path, tok, template, max_new_tokens, context, need=(), limit=0)
             raise UserError(f"{ex['_where']}: the prompt is {len(ids[-1])} tokens; with --max-new-tokens "
                             f"{max_new_tokens} it does not fit the model's context of {context} tokens")
     return (examples[:limit], ids[:limit]) if limit else (examples, ids)
+
+
+def next_prompts(num_examples, state, k, seed):
+    """k example indices from a seeded per-epoch shuffle; state {"epoch", "pos"} is advanced
+    (a checkpoint keeps it, so a resumed run draws what the uninterrupted one would have)."""
+    out = []
+    while len(out) < k:
+        order = np.random.default_rng(seed + state["epoch"]).permutation(num_examples)
+        take = order[state["pos"]: state["pos"] + k - len(out)].tolist()
+        out += take
+        state["pos"] += len(take)
+        if state["pos"] >= num_examples:
+            state["epoch"], state["pos"] = state["epoch"] + 1, 0
+    return out

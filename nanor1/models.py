@@ -63,6 +63,9 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
                 continue
             if tok is not None and tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
+            rows = model.get_output_embeddings().weight.shape[0]
+            if tok is not None and rows < len(tok):  # more rows is fine: padding some families add
+                raise UserError(f"model '{name}' predicts {rows} tokens but its tokenizer has {len(tok)}")
             for m in model.modules():  # RL compares log-probs of the same weights: dropout would add noise
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0

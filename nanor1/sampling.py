@@ -2,9 +2,9 @@
 
 sample() is the whole decoding loop: encode each prompt once, repeat its KV cache G times,
 then draw one token per live completion per step until every completion has ended or hit
-the limit. rollout() decodes and scores what sample() drew; evaluate() is R1's pass@1
-protocol on held-out prompts. grpo.py samples and evaluates with them, sft.py evaluates,
-reject_sample.py samples.
+the limit. rollout() decodes and scores what sample() drew (write_samples() keeps some to
+read); evaluate() is R1's pass@1 protocol on held-out prompts (eval_line() its log line).
+grpo.py samples and evaluates with them, sft.py evaluates, reject_sample.py samples.
 
 What makes it fast, each under "the speed tricks" below or commented where it happens:
 - the prompt is encoded once per group and its KV cache repeated (not G prompt passes);
@@ -25,7 +25,7 @@ import time
 import torch
 
 import rewards as R
-from nanor1.common import all_sum, is_sharded
+from nanor1.common import all_sum, append_jsonl, is_sharded
 
 # ----------------------------------------------------------------------------------------
 # sampling: G completions per prompt with a KV cache
@@ -163,6 +163,20 @@ def evaluate(model, tok, examples, prompt_ids, eos, generator, num_samples, max_
             length, trunc = length + len(r["completion"]), trunc + r["truncated"]
     n = len(examples) * num_samples
     return {"eval_pass@1": acc / n, "eval_format": fmt / n, "eval_len": length / n, "eval_trunc": trunc / n}
+
+
+def write_samples(path, step, rows):
+    """Append rollout rows to a samples.jsonl, with their prompt, answer and rewards, to read."""
+    for r in rows:
+        append_jsonl(path, {"step": step, "prompt": r["example"]["prompt"], "answer": r["example"].get("answer"),
+                            "completion": r["text"], "reward": r["reward"], "parts": r["parts"],
+                            "num_tokens": len(r["completion"]), "truncated": r["truncated"]})
+
+
+def eval_line(step, ev):
+    """evaluate()'s figures as a run's log line."""
+    return (f"eval step {step} | pass@1 {ev['eval_pass@1']:.3f} | format {ev['eval_format']:.3f}"
+            f" | len {ev['eval_len']:.0f} | trunc {ev['eval_trunc']:.2f}")
 
 # ----------------------------------------------------------------------------------------
 # the speed tricks: one random number a token, a KV cache written in place

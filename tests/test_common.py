@@ -1,5 +1,7 @@
-"""The shared module: prompt templates, jsonl errors, device and dtype choice."""
+"""The shared module: prompt templates and their order, jsonl errors, device and dtype choice,
+the learning rate."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -69,3 +71,22 @@ def test_device_and_dtype_choice():
             common.pick_device("cuda")
     with pytest.raises(common.UserError, match="--device gpu: not a device"):
         common.pick_device("gpu")
+
+
+def test_learning_rate_warms_up_then_decays_on_a_cosine():
+    lr = [common.lr_at(s, 110, 1.0, 10, 0.1) for s in (1, 5, 10, 60, 110)]
+    # warm-up s/10; then 0.1 + 0.9 * (1 + cos(pi * (s - 10) / 100)) / 2
+    assert lr == pytest.approx([0.1, 0.5, 1.0, 0.55, 0.1])
+    # grpo.py's schedule: min ratio 1 is constant after the warm-up, exactly the peak; no warm-up, the peak at once
+    assert [common.lr_at(s, 100, 3e-6, 4, 1.0) for s in (2, 5, 100)] == [1.5e-6, 3e-6, 3e-6]
+    assert [common.lr_at(s, 100, 3e-6, 0, 1.0) for s in (1, 100)] == [3e-6, 3e-6]
+
+
+def test_prompts_are_drawn_in_seeded_epochs_and_a_kept_state_goes_on_from_there():
+    state = {"epoch": 0, "pos": 0}
+    drawn = common.next_prompts(5, state, 3, seed=7) + common.next_prompts(5, state, 3, seed=7)
+    assert sorted(drawn[:5]) == [0, 1, 2, 3, 4]  # every prompt once an epoch, then the next epoch's order
+    assert drawn[:5] == np.random.default_rng(7).permutation(5).tolist()
+    assert drawn[5] == np.random.default_rng(8).permutation(5)[0] and state == {"epoch": 1, "pos": 1}
+    kept = dict(state)  # what a checkpoint holds: the draws after it are the uninterrupted run's
+    assert common.next_prompts(5, kept, 4, seed=7) == common.next_prompts(5, state, 4, seed=7)

@@ -231,13 +231,13 @@ def sharded_sampling(rank, world, port, out):
     common.shard(model, torch.device("cpu"))
     eos = list(range(len(tok))) if rank == 0 else []
     got = sampling.sample(model, [[5, 6, 7], [8, 9]], 2, 6, eos, tok.pad_token_id,
-                        generator=torch.Generator().manual_seed(rank))
+                          generator=torch.Generator().manual_seed(rank))
     # again, process 1's completions now all ending by their third token: both stop there
     early = list(range(len(tok))) if rank == 0 else sorted(set(got["ids"][:, 2].tolist()))
     passes = []
     model.register_forward_hook(lambda *a: passes.append(1))
     again = sampling.sample(model, [[5, 6, 7], [8, 9]], 2, 6, early, tok.pad_token_id,
-                          generator=torch.Generator().manual_seed(rank))
+                            generator=torch.Generator().manual_seed(rank))
     torch.save({**got, "again": again, "passes": len(passes)}, f"{out['path']}.{rank}")
     dist.barrier()
     dist.destroy_process_group()

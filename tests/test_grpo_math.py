@@ -234,7 +234,7 @@ def test_completion_logprobs_equal_full_sequence_forward(sharp):
     model, tok = sharp
     prompts = tokens(tok, ["12 + 34 =", "the answer is 7 so we get 12 + 5"])
     out = sampling.sample(model, prompts, 3, 9, [tok.eos_token_id], tok.pad_token_id, 1.0, 1.0,
-                        torch.Generator().manual_seed(0))
+                          torch.Generator().manual_seed(0))
     lengths = out["mask"].sum(1).tolist()
     completions = [out["ids"][i, :lengths[i]].tolist() for i in range(6)]
     p_ids, p_mask, ids, mask = grpo.pad_batch([prompts[i // 3] for i in range(6)], completions,

@@ -57,3 +57,20 @@ def test_unknown_model_is_one_clear_error(tmp_path):
 def test_local_folder_and_bare_ids(tiny_dir):
     assert models.model_candidates(tiny_dir) == [("local folder", tiny_dir)]
     assert models.model_candidates("gpt2") == [("hub id", "gpt2")]
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tiny_dir, tmp_path):
+    # a token the model has no row for could be fed to it (an index error deep in the forward
+    # pass) or never sampled; padded rows past the tokenizer (Qwen's 151,936 for 151,665) are fine
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    rows = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows + 8)  # more rows than tokens: loads
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    assert models.load_model(str(tmp_path / "padded"))[0].get_output_embeddings().weight.shape[0] == rows + 8
+    tok.add_tokens([f"<extra_{i}>" for i in range(3)])  # more tokens than rows: refused, naming both
+    tok.save_pretrained(tmp_path / "short")
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path / "short")
+    with pytest.raises(common.UserError, match=f"predicts {rows} tokens but its tokenizer has {rows + 3}"):
+        models.load_model(str(tmp_path / "short"))

@@ -414,7 +414,7 @@ def test_kept_samples_train_a_student_with_sft(trained, tiny_dir, tmp_path):
     # the student, from random weights, now writes the teacher's kept answer to each prompt
     student, tok = models.load_model(str(tmp_path / "student" / "step-000100"))
     out = sampling.sample(student, [common.encode_prompt(line["prompt"], tok, "raw") for line in kept], 1, 48,
-                        models.eos_ids(student, tok), tok.pad_token_id, temperature=0)
+                          models.eos_ids(student, tok), tok.pad_token_id, temperature=0)
     for line, ids, mask in zip(kept, out["ids"].tolist(), out["mask"].tolist()):
         assert tok.decode(ids[: sum(mask)], skip_special_tokens=True) == line["completion"]
 

@@ -56,7 +56,7 @@ def test_sampling_is_seeded_and_respects_top_p(tiny):
     model, tok = tiny
     prompts = encode(tok, ["12 + 34 ="])
     run = lambda seed, top_p: sampling.sample(model, prompts, 4, 8, [tok.eos_token_id], tok.pad_token_id, 1.0, top_p,
-                                            torch.Generator().manual_seed(seed))["ids"]
+                                              torch.Generator().manual_seed(seed))["ids"]
     assert torch.equal(run(1, 1.0), run(1, 1.0))
     assert not torch.equal(run(1, 1.0), run(2, 1.0))
     # top-p so small that only the most likely token survives: sampling is greedy
@@ -82,7 +82,7 @@ def test_finished_completions_leave_the_batch_without_changing_the_others(sharp,
     model, tok = sharp
     prompts = encode(tok, ["12 + 34 =", "the answer is 7 so we get"])
     run = lambda eos: sampling.sample(model, prompts, 4, 16, eos, tok.pad_token_id, 1.0, 1.0,  # noqa: E731
-                                    torch.Generator().manual_seed(3))
+                                      torch.Generator().manual_seed(3))
     free = run([])
     counts = torch.bincount(free["ids"][:, :8].flatten())
     end = int(counts.argmax())  # a token sampled early in several rows becomes the end token

@@ -208,12 +208,6 @@ def test_length_grouping_cuts_the_padding_of_a_run(tiny_dir, tmp_path):
     assert pad[0] < 0.05 < pad[1] / 2, pad
 
 
-def test_learning_rate_warms_up_then_decays_on_a_cosine():
-    lr = [sft.lr_at(s, 110, 1.0, 10, 0.1) for s in (1, 5, 10, 60, 110)]
-    # warm-up s/10; then 0.1 + 0.9 * (1 + cos(pi * (s - 10) / 100)) / 2
-    assert lr == pytest.approx([0.1, 0.5, 1.0, 0.55, 0.1])
-
-
 def test_max_len_cuts_drops_and_splits_and_says_so(tiny, tiny_dir, tmp_path, capsys):
     _, tok = tiny
     max_len = len(common.encode_prompt("2+2?", tok, "r1")) + 30  # the R1 template is most of it
