@@ -41,67 +41,103 @@ def records(path):
 def test_trace_worked_by_hand():
     # 57 + 8 * 5 = 97: from 7, add 8 five times keeping the last digit: 5, 3, 1, 9, 7
     assert prep.question((57, 8, 5)) == "What is the last digit of 57 + 8 * 5?"
-    assert prep.trace((57, 8, 5)) == ("<think>7+8=15 (4), 5+8=13 (3), 3+8=11 (2), 1+8=09 (1), 9+8=17 (0).</think> "
-                                      "<answer>7</answer>")
+    assert prep.drill((57, 8, 5)) == "57 + 8 * 5: 7+8=15 (4), 5+8=13 (3), 3+8=11 (2), 1+8=09 (1), 9+8=17 (0), 7."
+    assert prep.trace((57, 8, 5)) == ("<think>57 + 8 * 5: 7+8=15 (4), 5+8=13 (3), 3+8=11 (2), 1+8=09 (1), "
+                                      "9+8=17 (0), 7.</think> <answer>7</answer>")
     assert prep.answer((57, 8, 5)) == "7"
-    assert prep.trace((3, 2, 1)) == "<think>3+2=05 (0).</think> <answer>5</answer>"
+    assert prep.trace((3, 2, 1)) == "<think>3 + 2 * 1: 3+2=05 (0), 5.</think> <answer>5</answer>"
+    assert prep.terse((57, 8, 5)) == "<think>57 + 8 * 5 ends in 7.</think> <answer>7</answer>"
 
 
 def test_the_longest_trace_fits_the_pipelines_token_limit():
     from nanor1 import models
 
     tok = models.build_tiny_tokenizer()  # the tokenizer of every model the pipeline builds
-    longest = max(len(tok(prep.trace((n, d, 9)))["input_ids"]) for n in (9, 99) for d in range(2, 10))
-    assert longest == 113 and longest + 1 <= pipe.MAX_NEW_TOKENS  # + 1: the end token
+    longest = max(len(tok(prep.trace((n, d, 7)))["input_ids"]) for n in (9, 99) for d in range(2, 10))
+    assert longest == 102 and longest + 1 <= pipe.MAX_NEW_TOKENS  # + 1: the end token
 
 
-def test_every_trace_is_correct_and_well_formed(tmp_path):
+def check_steps(text, n, d, k):
+    """The stepwise working of n + d * k in text is right: one addition per step, counted
+    down to 0, and the digit after the last step is the answer; it starts with the sum."""
+    assert text.removeprefix("<think>").startswith(f"{n} + {d} * {k}: ")
+    steps = re.findall(r"(\d)\+(\d)=(\d\d) \((\d)\)", text)
+    assert len(steps) == k
+    x = n % 10
+    for i, (a, b, total, left) in enumerate(steps):
+        assert (int(a), int(b), int(total), int(left)) == (x, d, x + d, k - 1 - i)
+        x = (x + d) % 10
+    assert text.endswith(f", {x}.</think> <answer>{x}</answer>") or text.endswith(f", {x}.")
+
+
+def parse(prompt):
+    return map(int, re.fullmatch(r"What is the last digit of (\d+) \+ (\d) \* (\d)\?", prompt).groups())
+
+
+def test_expert_traces_are_correct_half_of_them_terse(tmp_path):
     prepare(tmp_path, "--num-pretrain", "10")
+    terse = 0
     for r in records(tmp_path / "cold_start.jsonl"):
-        n, d, k = map(int, re.fullmatch(r"What is the last digit of (\d+) \+ (\d) \* (\d)\?", r["prompt"]).groups())
+        n, d, k = parse(r["prompt"])
         assert r["answer"] == str((n + d * k) % 10)
-        steps = re.findall(r"(\d)\+(\d)=(\d\d) \((\d)\)", r["completion"])
-        assert len(steps) == k  # one addition per step, counted down to 0
-        x = n % 10
-        for i, (a, b, total, left) in enumerate(steps):
-            assert (int(a), int(b), int(total), int(left)) == (x, d, x + d, k - 1 - i)
-            x = (x + d) % 10
-        # the rewards the RL stages use agree with the expert
+        if "ends in" in r["completion"]:
+            terse += 1
+            x = r["answer"]
+            assert r["completion"] == f"<think>{n} + {d} * {k} ends in {x}.</think> <answer>{x}</answer>"
+        else:
+            check_steps(r["completion"], n, d, k)
+        # the rewards the RL stages use agree with the expert, in both styles
         assert R.format_reward(r["completion"], r) == 1.0
         assert R.accuracy(r["completion"], r) == 1.0
+    assert terse == 150
 
 
 def test_splits_are_seeded_disjoint_and_counted(tmp_path):
     out = prepare(tmp_path / "a", "--num-pretrain", "500")
     prepare(tmp_path / "b", "--num-pretrain", "500")
-    names = ["train", "test", "fresh", "cold_start", "pretrain"]
+    names = ["train", "test", "fresh", "cold_start", "mid", "pretrain"]
     for name in names:
         assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (tmp_path / "b" / f"{name}.jsonl").read_bytes()
     assert "test.jsonl: 200 examples" in out and "pretrain.jsonl: 500 documents" in out
-    prompts = {name: [r["prompt"] for r in records(tmp_path / "a" / f"{name}.jsonl")] for name in names[:4]}
-    assert [len(prompts[n]) for n in names[:4]] == [2000, 200, 1000, 300]
-    for i, a in enumerate(names[:4]):
+    prompts = {name: [r["prompt"] for r in records(tmp_path / "a" / f"{name}.jsonl")] for name in names[:5]}
+    assert [len(prompts[n]) for n in names[:5]] == [2000, 200, 1000, 300, 2000]
+    for i, a in enumerate(names[:5]):
         assert len(set(prompts[a])) == len(prompts[a])
-        for b in names[i + 1:4]:
+        for b in names[i + 1:5]:
             assert not set(prompts[a]) & set(prompts[b]), (a, b)
     other = prepare(tmp_path / "c", "--num-pretrain", "500", "--seed", "1")
     assert other and (tmp_path / "c" / "test.jsonl").read_bytes() != (tmp_path / "a" / "test.jsonl").read_bytes()
 
 
-def test_pretraining_teaches_skills_not_the_procedure(tmp_path):
-    prepare(tmp_path, "--num-pretrain", "3000")
+def test_pretraining_has_the_procedure_but_no_question_and_no_held_out_sum(tmp_path):
+    prepare(tmp_path, "--num-pretrain", "4000")
     docs = [r["text"] for r in records(tmp_path / "pretrain.jsonl")]
-    asked = {r["prompt"] for name in ["train", "test", "fresh", "cold_start"] for r in records(tmp_path / f"{name}.jsonl")}
-    questions = [d for d in docs if d.startswith("What is")]
-    assert 0.25 < len(questions) / len(docs) < 0.5
-    for d in docs:
-        assert d.split("?")[0] + "?" not in asked  # no question of any split, answered or not
-        assert not re.search(r"\d\+\d=\d\d \(\d\)", d)  # never an addition step of the trace
-    # the R1 layout is rare (about 0.2 * 0.3 of the questions), and never holds working
-    answered = [d for d in questions if "It starts at" not in d]
-    r1 = [d for d in answered if R.FORMAT.fullmatch(d.split("?", 1)[1])]
-    assert 0.02 < len(r1) / len(answered) < 0.12
-    assert all(re.fullmatch(r"<think>\d times \d\.</think> <answer>\d</answer>", d.split("?", 1)[1]) for d in r1)
+    held_out = {tuple(parse(r["prompt"])) for r in records(tmp_path / "test.jsonl")}
+    assert not any("?" in d or "<" in d for d in docs)  # no question, no tag
+    drills = [d for d in docs if d.startswith("Work out ")]
+    assert 0.4 < len(drills) / len(docs) < 0.6
+    for d in drills:
+        n, d_, k = map(int, re.match(r"Work out (\d+) \+ (\d) \* (\d)\. ", d).groups())
+        check_steps(d.split(". ", 1)[1], n, d_, k)  # the heading, then the drill of the same sum
+        assert (n, d_, k) not in held_out
+    others = [d for d in docs if d not in drills]
+    assert all(re.fullmatch(r"The last digit of (\d+) is \d\.", d) or re.fullmatch(r"(\(\d\), )+\(0\)\.", d)
+               for d in others)
+
+
+def test_mid_training_answers_half_worked_out(tmp_path):
+    prepare(tmp_path, "--num-pretrain", "10")
+    mid = records(tmp_path / "mid.jsonl")
+    worked = 0
+    for r in mid:
+        n, d, k = parse(r["prompt"])
+        x = (n + d * k) % 10
+        if "(0)" in r["completion"]:
+            worked += 1
+            check_steps(r["completion"], n, d, k)
+        else:  # in one go, and right
+            assert re.fullmatch(rf"(<think>{k} times {d}\.</think>)? (<answer>{x}</answer>|{x}\.)", r["completion"])
+    assert 0.45 < worked / len(mid) < 0.55
 
 
 def test_prepare_refuses_bad_sizes(tmp_path):
@@ -135,12 +171,24 @@ def test_card_lines():
     rows = [{"stage": "1 base", "model": "base/step-000010", "seconds": 12.4, "pass@1": 0.1, "format": 0.0125,
              "len": 6.66},
             {"stage": "5 rejection sampling", "model": "kept.jsonl: 3 of 8 samples", "seconds": 2.6}]
-    assert pipe.card_lines(rows, 90) == [
+    curves = {"zero": {"eval": [[0, 0.1], [10, 0.25]], "len": [[1, 4.0], [2, 6.5], [3, 9.0], [4, 12.0], [5, 30.2]]}}
+    assert pipe.card_lines(rows, curves, 90) == [
         "| stage | model | held-out pass@1 | format | mean length | train time |",
         "|---|---|---|---|---|---|",
         "| 1 base | base/step-000010 | 0.100 | 0.013 | 6.7 | 12 s |",
         "| 5 rejection sampling | kept.jsonl: 3 of 8 samples | | | | 3 s |",
+        "\nguessing a digit scores pass@1 0.1; pass@1 is averaged over samples at temperature 0.6, top-p 0.95",
+        "\nheld-out pass@1 (on the first prompts of the held-out set) and mean completion length "
+        "during each RL stage:\n",
+        "- R1-Zero: pass@1 at step 0: 0.100, 10: 0.250; length at step 1: 4, 2: 6, 3: 9, 4: 12, 5: 30",
         "\nwhole pipeline, evaluations included: 1.5 min"]
+
+
+def test_curve_reads_an_rl_stages_metrics(tmp_path):
+    lines = [{"args": {}}, {"step": 0, "eval_pass@1": 0.1, "eval_len": 4.0}, {"step": 1, "len": 5.5, "reward": 0.2},
+             {"step": 2, "len": 7.0, "reward": 0.4}, {"step": 2, "eval_pass@1": 0.3, "eval_len": 9.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert pipe.curve(str(tmp_path)) == {"eval": [[0, 0.1], [2, 0.3]], "len": [[1, 5.5], [2, 7.0]]}
 
 
 def test_stages_reuse_unchanged_commands_and_rerun_what_follows_a_change(tmp_path, capsys):
@@ -200,13 +248,14 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path):
 def test_plot_writes_a_png_or_says_why_not(tmp_path):
     rows = [{"stage": "1 base", "pass@1": 0.1, "format": 0.0}, {"stage": "5 rejection", "seconds": 1},
             {"stage": "4 reasoning RL", "pass@1": 0.4, "format": 0.99}]
+    curves = {"zero": {"eval": [[0, 0.1], [10, 0.3]], "len": [[1, 4.0], [2, 9.0]]}, "rl": {"eval": [], "len": []}}
     path = str(tmp_path / "card.png")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert pipe.plot(rows, path) is False and not os.path.exists(path)
+        assert pipe.plot(rows, curves, path) is False and not os.path.exists(path)
         return
-    assert pipe.plot(rows, path) is True
+    assert pipe.plot(rows, curves, path) is True
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -222,11 +271,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     card = json.load(open(out / "card.json"))
     assert [r["stage"] for r in card["rows"]] == [
-        "1 base", "2 R1-Zero", "3 cold start", "4 reasoning RL", "5 rejection sampling", "6 small base",
-        "6 student, cold-start data", "6 student, distilled"]
+        "1 base", "2 R1-Zero", "3 cold start", "4 reasoning RL", "5 rejection sampling", "6 base SFT on kept",
+        "7 second RL", "8 small base", "8 student, cold-start data", "8 student, distilled"]
     # every model row is what reject_sample.py measured for that checkpoint
     for row, name in zip([r for r in card["rows"] if "pass@1" in r],
-                         ["base", "zero", "cold", "rl", "small", "student-cold", "student"]):
+                         ["base", "zero", "cold", "rl", "rs", "rl2", "small", "student-cold", "student"]):
         report = json.load(open(out / "eval" / f"{name}.report.json"))
         assert (row["pass@1"], row["format"], row["len"]) == (report["pass@1"], report["format"], report["len"])
         assert json.load(open(out / "eval" / f"{name}.run.json"))["model"] == str(out / row["model"])
@@ -236,11 +285,16 @@ def test_quick_pipeline_end_to_end(tmp_path):
     kept = records(out / "kept.jsonl")
     assert kept and card["rows"][4]["model"].startswith(f"kept.jsonl: {len(kept)} of 400 samples")
     assert all(R.accuracy(k["completion"], k) == 1.0 and R.format_reward(k["completion"], k) == 1.0 for k in kept)
-    student_args = json.load(open(out / "student" / "args.json"))
-    assert student_args["data"] == str(out / "kept.jsonl") and student_args["model"].startswith(str(out / "small"))
+    for name, model in [("student", "small"), ("rs", "base")]:  # both learn from the kept samples
+        args = json.load(open(out / name / "args.json"))
+        assert args["data"] == str(out / "kept.jsonl") and args["model"].startswith(str(out / model))
+    assert json.load(open(out / "rl2" / "args.json"))["model"].startswith(str(out / "rs"))
+    # the RL stages' curves: held-out pass@1 at steps 0, 2 and the last; a length at every step
+    assert [step for step, _ in card["curves"]["zero"]["eval"]] == [0, 2, 3]
+    assert [step for step, _ in card["curves"]["rl2"]["len"]] == [1, 2]
     md = (out / "card.md").read_text()
     assert md.startswith("| stage | model | held-out pass@1 |") and "whole pipeline" in md
-    assert "[base] python sft.py --init scratch" in first.stdout
+    assert "[pretrain] python sft.py --init scratch" in first.stdout
     # run again: nothing changed, so every stage is reused and the card is the same
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -1,22 +1,26 @@
 """The whole R1 recipe in miniature, on the sums task: one command, offline, on a CPU.
 
-    python data/sums/pipeline.py                   # every stage, about 25 minutes on 2 CPU cores
+    python data/sums/pipeline.py                   # every stage, about 14 minutes on 2 CPU cores
     python data/sums/pipeline.py --quick           # the same stages, shortened: a smoke test
-    python data/sums/pipeline.py --rl-args "--scale none --agg seq-sum"   # Dr. GRPO in both RL stages
+    python data/sums/pipeline.py --rl-args "--scale none --agg seq-sum"   # Dr. GRPO in every RL stage
 
 Each stage is one command of the project, printed before it runs; its log, checkpoints
 and data stay under --out:
-  data            data/sums/prepare.py                   -> OUT/data/*.jsonl
-  1 base          sft.py --init scratch on pretraining text -> OUT/base (and the smaller OUT/small)
+  data            data/sums/prepare.py                      -> OUT/data/*.jsonl
+  1 base          sft.py --init scratch on pretraining text -> OUT/pretrain, then a short
+                  mid-training on answered questions        -> OUT/base (and the smaller OUT/small)
   2 R1-Zero       grpo.py on the base, accuracy + format    -> OUT/zero
   3 cold start    sft.py on the base, a few hundred traces  -> OUT/cold
   4 reasoning RL  grpo.py from the cold-start model         -> OUT/rl
   5 rejection     reject_sample.py from the RL model over fresh prompts -> OUT/kept.jsonl
-  6 distillation  the smaller base fine-tuned on the kept samples (OUT/student)
+  6 SFT           the base fine-tuned on the kept samples   -> OUT/rs
+  7 second RL     grpo.py from that model                   -> OUT/rl2
+  8 distillation  the smaller base fine-tuned on the kept samples (OUT/student)
                   and, beside it, on the cold-start traces only (OUT/student-cold)
 Every model is then evaluated on the held-out prompts by reject_sample.py (R1's protocol:
 temperature 0.6, top-p 0.95, 4 samples per prompt), and the report card is printed
-and written to OUT/card.md, OUT/card.json and, when matplotlib is installed, OUT/card.png.
+and written to OUT/card.md, OUT/card.json and, when matplotlib is installed, OUT/card.png
+(the bars, and the RL stages' held-out pass@1 and length over their steps).
 
 Running it again reuses every stage whose command has not changed since it finished (the
 commands are kept in OUT/stages.json); a changed stage runs again, and so does every stage
@@ -42,18 +46,22 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 # Stage sizes. "full" is the run the README reports; "quick" only checks that every stage runs.
 SIZES = {
-    "full": dict(num_pretrain=30000, num_train=2000, num_test=200, num_fresh=1000, num_cold_start=300,
-                 pretrain_epochs=1, zero_steps=60, cold_epochs=24, rl_steps=100, reject_samples=4,
-                 student_epochs=12, eval_samples=4),
+    "full": dict(num_pretrain=30000, num_mid=2000, num_train=2000, num_test=200, num_fresh=1000, num_cold_start=300,
+                 pretrain_epochs=2, small_epochs=0.5, mid_epochs=6, zero_steps=40, cold_epochs=12,
+                 rl_steps=40, rl2_steps=15, reject_samples=4, rs_epochs=4, student_epochs=12,
+                 eval_samples=4, curve_every=10, curve_prompts=100),
     # quick: enough cold start for the format, and enough fresh prompts that some guessed digits
     # are kept whatever the machine's rounding made of the models
-    "quick": dict(num_pretrain=2000, num_train=200, num_test=20, num_fresh=100, num_cold_start=60,
-                  pretrain_epochs=1, zero_steps=3, cold_epochs=30, rl_steps=3, reject_samples=4,
-                  student_epochs=1, eval_samples=2),
+    "quick": dict(num_pretrain=2000, num_mid=200, num_train=200, num_test=20, num_fresh=100,
+                  num_cold_start=60, pretrain_epochs=1, small_epochs=1, mid_epochs=1, zero_steps=3,
+                  cold_epochs=30, rl_steps=3, rl2_steps=2, reject_samples=4, rs_epochs=1,
+                  student_epochs=1, eval_samples=2, curve_every=2, curve_prompts=10),
 }
 BASE = ["--hidden", "128", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--mlp", "512"]  # 1.0M parameters
-SMALL = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--mlp", "256"]  # the student, 0.15M parameters
-MAX_NEW_TOKENS = 128  # the longest expert trace (9 additions) is 113 tokens
+# the student, 0.15M parameters
+SMALL = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--mlp", "256"]
+MAX_NEW_TOKENS = 112  # the longest expert trace (7 additions) is 102 tokens
+GUESS = 0.1  # pass@1 of guessing a digit
 
 
 def get_args(argv=None):
@@ -63,7 +71,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu", help="device for every stage: cpu, cuda, auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
     p.add_argument("--zero-args", default="", help="extra flags for the R1-Zero grpo.py stage, one quoted string")
-    p.add_argument("--rl-args", default="", help="extra flags for both grpo.py stages (R1-Zero and reasoning RL)")
+    p.add_argument("--rl-args", default="",
+                   help="extra flags for every grpo.py stage (R1-Zero, reasoning RL, second RL)")
     p.add_argument("--fresh", action="store_true", help="run every stage again, even when its command is unchanged")
     return p.parse_args(argv)
 
@@ -138,8 +147,8 @@ def evaluate(stages, name, model, data, out, samples, device, seed):
     return json.load(open(os.path.join(out, "eval", f"{name}.report.json")))
 
 
-def card_lines(rows, total):
-    """The report card as a Markdown table."""
+def card_lines(rows, curves, total):
+    """The report card as Markdown: a table of the stages, then the RL stages' curves."""
     lines = ["| stage | model | held-out pass@1 | format | mean length | train time |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -148,12 +157,32 @@ def card_lines(rows, total):
         else:
             lines.append(f"| {r['stage']} | {r['model']} | {r['pass@1']:.3f} | {r['format']:.3f} | "
                          f"{r['len']:.1f} | {r['seconds']:.0f} s |")
+    lines.append(f"\nguessing a digit scores pass@1 {GUESS}; pass@1 is averaged over samples at "
+                 "temperature 0.6, top-p 0.95")
+    lines.append("\nheld-out pass@1 (on the first prompts of the held-out set) and mean completion length "
+                 "during each RL stage:\n")
+    for name, c in curves.items():
+        evals = ", ".join(f"{step}: {p:.3f}" for step, p in c["eval"])
+        lens = c["len"][:: max(1, len(c["len"]) // 4)] + c["len"][-1:] if c["len"] else []
+        lengths = ", ".join(f"{step}: {n:.0f}" for step, n in dict(lens).items())
+        lines.append(f"- {CURVE_NAMES[name]}: pass@1 at step {evals}; length at step {lengths}")
     lines.append(f"\nwhole pipeline, evaluations included: {total / 60:.1f} min")
     return lines
 
 
-def plot(rows, path):
-    """pass@1 and format rate per stage as a bar chart; False when matplotlib is missing."""
+CURVE_NAMES = {"zero": "R1-Zero", "rl": "reasoning RL", "rl2": "second RL"}
+
+
+def write_file(path, text):
+    """Write text to path through a temporary name, so a reader never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def plot(rows, curves, path):
+    """The card as a picture: pass@1 and format per stage as bars, and the RL stages' held-out
+    pass@1 and mean length over steps; False when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -162,13 +191,24 @@ def plot(rows, path):
         return False
     rows = [r for r in rows if r.get("pass@1") is not None]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar([i - 0.2 for i in x], [r["pass@1"] for r in rows], width=0.4, label="held-out pass@1")
-    ax.bar([i + 0.2 for i in x], [r["format"] for r in rows], width=0.4, label="format rate")
-    ax.set_xticks(list(x), [r["stage"] for r in rows], rotation=20, ha="right")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("nanoR1 in miniature: what each stage bought")
+    fig, (bars, acc, length) = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [2, 1, 1]})
+    bars.bar([i - 0.2 for i in x], [r["pass@1"] for r in rows], width=0.4, label="held-out pass@1")
+    bars.bar([i + 0.2 for i in x], [r["format"] for r in rows], width=0.4, label="format rate")
+    bars.axhline(GUESS, color="gray", linestyle="--", linewidth=1, label="guessing a digit")
+    bars.set_xticks(list(x), [r["stage"] for r in rows], rotation=25, ha="right")
+    bars.set_ylim(0, 1.05)
+    bars.legend(fontsize=8)
+    bars.set_title("what each stage bought")
+    for name, c in curves.items():
+        if c["eval"]:
+            acc.plot(*zip(*c["eval"]), marker="o", label=CURVE_NAMES[name])
+        if c["len"]:
+            length.plot(*zip(*c["len"]), label=CURVE_NAMES[name])
+    acc.axhline(GUESS, color="gray", linestyle="--", linewidth=1)
+    acc.set(title="held-out pass@1 during RL", xlabel="RL step", ylim=(0, 1.05))
+    length.set(title="mean completion length during RL", xlabel="RL step", ylabel="tokens")
+    acc.legend(fontsize=8)
+    length.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)
@@ -176,93 +216,119 @@ def plot(rows, path):
     return True
 
 
-def main(argv=None):
-    args = get_args(argv)
-    size = SIZES["quick" if args.quick else "full"]
-    out, dev, seed = os.path.abspath(args.out), args.device, args.seed
+def run_stages(args, size, out, stages):
+    """Every training stage and rejection sampling, in R1's order -> {name: (checkpoint or
+    file, seconds)}; each stage reads what an earlier one wrote."""
+    dev, seed = args.device, args.seed
     try:
         rl_args, zero_args = shlex.split(args.rl_args), shlex.split(args.zero_args)
     except ValueError as e:
         raise SystemExit(f"error: --rl-args / --zero-args: {e}") from None
-    os.makedirs(out, exist_ok=True)
-    stages = Stages(out, args.fresh)
     data = os.path.join(out, "data")
-    files = {name: os.path.join(data, f"{name}.jsonl") for name in ["pretrain", "cold_start", "train", "test", "fresh"]}
-
-    def path(sub):
-        return os.path.join(out, sub)
-
+    files = {name: os.path.join(data, f"{name}.jsonl")
+             for name in ["pretrain", "mid", "cold_start", "train", "test", "fresh"]}
+    done = {}
     stages.run("data", "data/sums/prepare.py", [
-        "--out-dir", data, "--seed", seed, "--num-pretrain", size["num_pretrain"], "--num-train", size["num_train"],
-        "--num-test", size["num_test"], "--num-fresh", size["num_fresh"], "--num-cold-start", size["num_cold_start"]])
+        "--out-dir", data, "--seed", seed, *[x for k in ["num_pretrain", "num_mid", "num_train", "num_test",
+                                                          "num_fresh", "num_cold_start"]
+                                              for x in (f"--{k.replace('_', '-')}", size[k])]])
 
     sft = ["--template", "raw", "--device", dev, "--seed", seed, "--micro-batch-size", 16, "--val-fraction", 0]
+    # both RL stages: temperature 1.0 (explore), no KL term (beta 0), the held-out curve on the way
     grpo = ["--template", "raw", "--device", dev, "--seed", seed, "--max-new-tokens", MAX_NEW_TOKENS,
-            "--group", 8, "--micro-batch-size", 128, "--beta", 0.04, "--sample-every", 10]
-    pretrain = ["--data", files["pretrain"], "--epochs", size["pretrain_epochs"], "--batch-size", 16, "--lr", 3e-3]
+            "--group", 8, "--prompts-per-step", 8, "--micro-batch-size", 128, "--temperature", 1.0,
+            "--beta", 0, "--rewards", "accuracy,format", "--data", files["train"], "--sample-every", 10,
+            "--eval-data", files["test"], "--eval-every", size["curve_every"], "--eval-prompts", size["curve_prompts"]]
 
     def train(name, script, flags):
-        """One training stage writing checkpoints to OUT/name -> (its last checkpoint, seconds)."""
-        seconds = stages.run(name, script, [*flags, "--out", path(name)], out=path(name))
-        return last_checkpoint(path(name)), seconds
+        """One training stage writing checkpoints to OUT/name; records (its last checkpoint, seconds)."""
+        seconds = stages.run(name, script, [*flags, "--out", os.path.join(out, name)], out=os.path.join(out, name))
+        done[name] = (last_checkpoint(os.path.join(out, name)), seconds)
+        return done[name][0]
 
-    # 1. base: a fresh model learns the skills from plain text (each text ends in the end token);
-    # the smaller base of stage 6 is pretrained here too, so no later change retrains it
-    base, t_base = train("base", "sft.py", ["--init", "scratch", *BASE, *pretrain, *sft])
-    small, t_small = train("small", "sft.py", ["--init", "scratch", *SMALL, *pretrain, *sft])
+    # 1. base: pretraining text (the skills and drills of the procedure, no question), then a
+    # short mid-training on answered questions, half of them worked out stepwise
+    pre = train("pretrain", "sft.py", ["--init", "scratch", *BASE, "--data", files["pretrain"],
+                                       "--epochs", size["pretrain_epochs"], "--batch-size", 32, "--lr", 3e-3,
+                                       *sft, "--micro-batch-size", 32])
+    base = train("base", "sft.py", ["--model", pre, "--data", files["mid"], "--epochs", size["mid_epochs"],
+                                    "--batch-size", 16, "--lr", 2e-3, *sft])
+    # the student's base, pretrained here too so that no later change retrains it
+    small = train("small", "sft.py", ["--init", "scratch", *SMALL, "--data", files["pretrain"],
+                                      "--epochs", size["small_epochs"], "--batch-size", 32, "--lr", 3e-3,
+                                      *sft, "--micro-batch-size", 32])
     # 2. R1-Zero: RL straight on the base, no supervised data at all
-    zero, t_zero = train("zero", "grpo.py", [
-        "--model", base, "--data", files["train"], "--rewards", "accuracy,format", "--num-steps", size["zero_steps"],
-        *grpo, "--prompts-per-step", 8, "--lr", 2e-4, *rl_args, *zero_args])
-    # 3. cold start: the base imitates a few hundred readable expert traces
-    cold, t_cold = train("cold", "sft.py", ["--model", base, "--data", files["cold_start"], "--epochs",
-                                            size["cold_epochs"], "--batch-size", 16, "--lr", 2e-3, *sft])
-    # 4. reasoning RL from the cold-start model. Its samples are drawn at the evaluation's
-    # temperature: at 1.0 most samples of this sharp model are wrong for random reasons, and
-    # the update then teaches it to be less random rather than to read the question right
-    rl, t_rl = train("rl", "grpo.py", [
-        "--model", cold, "--data", files["train"], "--rewards", "accuracy,format", "--num-steps", size["rl_steps"],
-        *grpo, "--prompts-per-step", 16, "--temperature", 0.6, "--lr", 5e-5, *rl_args])
+    train("zero", "grpo.py", ["--model", base, "--num-steps", size["zero_steps"], "--lr", 2e-4,
+                              *grpo, *rl_args, *zero_args])
+    # 3. cold start: the base imitates a few hundred expert traces, half of them terse
+    cold = train("cold", "sft.py", ["--model", base, "--data", files["cold_start"], "--epochs", size["cold_epochs"],
+                                    "--batch-size", 16, "--lr", 2e-3, *sft])
+    # 4. reasoning RL from the cold-start model
+    rl = train("rl", "grpo.py", ["--model", cold, "--num-steps", size["rl_steps"], "--lr", 2e-4, *grpo, *rl_args])
     # 5. rejection sampling: the RL model answers fresh prompts; one verified answer per prompt is kept
-    kept = path("kept.jsonl")
-    t_reject = stages.run("reject", "reject_sample.py", [
+    kept = os.path.join(out, "kept.jsonl")
+    seconds = stages.run("reject", "reject_sample.py", [
         "--model", rl, "--data", files["fresh"], "--template", "raw", "--num-samples", size["reject_samples"],
         "--max-new-tokens", MAX_NEW_TOKENS, "--prompts-per-batch", 50, "--keep-per-prompt", 1,
         "--device", dev, "--seed", seed, "--out", kept, "--overwrite"])
-    kept_report = json.load(open(path("kept.report.json")))
-    if not kept_report["kept"]:
-        raise SystemExit(f"error: rejection sampling kept no sample (see {path('kept.report.json')}): "
-                         "the RL model answered no fresh prompt right, so there is nothing to distil")
-    # 6. distillation: the smaller base fine-tuned on the kept samples, and on the cold-start data alone
-    student_flags = ["--model", small, "--epochs", size["student_epochs"], "--batch-size", 16, "--lr", 2e-3, *sft]
-    student, t_student = train("student", "sft.py", ["--data", kept, *student_flags])
-    student_cold, t_student_cold = train("student-cold", "sft.py", ["--data", files["cold_start"], *student_flags])
+    done["reject"] = (kept, seconds)
+    if not json.load(open(os.path.join(out, "kept.report.json")))["kept"]:
+        raise SystemExit(f"error: rejection sampling kept no sample (see {os.path.join(out, 'kept.report.json')}): "
+                         "the RL model answered no fresh prompt right, so there is nothing to learn from")
+    # 6. R1's next stage: the base (not the RL model) fine-tuned on the kept samples
+    rs = train("rs", "sft.py", ["--model", base, "--data", kept, "--epochs", size["rs_epochs"],
+                                "--batch-size", 16, "--lr", 2e-3, *sft])
+    # 7. and RL again, from that model
+    train("rl2", "grpo.py", ["--model", rs, "--num-steps", size["rl2_steps"], "--lr", 1e-4, *grpo, *rl_args])
+    # 8. distillation: the smaller base fine-tuned on the kept samples, and on the cold-start data alone
+    student = ["--model", small, "--epochs", size["student_epochs"], "--batch-size", 16, "--lr", 2e-3, *sft]
+    train("student", "sft.py", ["--data", kept, *student])
+    train("student-cold", "sft.py", ["--data", files["cold_start"], *student])
+    return done, files
+
+
+def curve(folder):
+    """An RL stage's training curve from its metrics.jsonl: held-out pass@1 at each evaluation,
+    mean completion length at each step -> {"eval": [[step, pass@1], ...], "len": [[step, len], ...]}."""
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    return {"eval": [[r["step"], r["eval_pass@1"]] for r in rows if "eval_pass@1" in r],
+            "len": [[r["step"], r["len"]] for r in rows if "len" in r and "eval_pass@1" not in r]}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    stages = Stages(out, args.fresh)
+    done, files = run_stages(args, size, out, stages)
 
     # the report card: every model on the same held-out prompts
-    models = [("base", "1 base", base, t_base), ("zero", "2 R1-Zero", zero, t_zero),
-              ("cold", "3 cold start", cold, t_cold), ("rl", "4 reasoning RL", rl, t_rl),
-              ("small", "6 small base", small, t_small),
-              ("student-cold", "6 student, cold-start data", student_cold, t_student_cold),
-              ("student", "6 student, distilled", student, t_student)]
+    models = [("base", "1 base"), ("zero", "2 R1-Zero"), ("cold", "3 cold start"), ("rl", "4 reasoning RL"),
+              ("rs", "6 base SFT on kept"), ("rl2", "7 second RL"), ("small", "8 small base"),
+              ("student-cold", "8 student, cold-start data"), ("student", "8 student, distilled")]
     rows = []
-    for name, stage, model, seconds in models:
-        report = evaluate(stages, name, model, files["test"], out, size["eval_samples"], dev, seed)
+    for name, stage in models:
+        model, seconds = done[name]
+        report = evaluate(stages, name, model, files["test"], out, size["eval_samples"], args.device, args.seed)
         rows.append({"stage": stage, "model": os.path.relpath(model, out), "seconds": seconds,
                      "pass@1": report["pass@1"], "format": report["format"], "len": report["len"]})
+        if name == "base":
+            rows[-1]["seconds"] += done["pretrain"][1]  # pretraining and mid-training
         if name == "rl":
-            rows.append({"stage": "5 rejection sampling", "seconds": t_reject,
-                         "model": f"kept.jsonl: {kept_report['kept']} of {kept_report['samples']} samples"})
+            kept = json.load(open(os.path.join(out, "kept.report.json")))
+            rows.append({"stage": "5 rejection sampling", "seconds": done["reject"][1],
+                         "model": f"kept.jsonl: {kept['kept']} of {kept['samples']} samples"})
+    curves = {name: curve(os.path.join(out, name)) for name in ["zero", "rl", "rl2"]}
     total = sum(stage["seconds"] for stage in stages.done.values())  # a reused stage counts its own run
-    lines = card_lines(rows, total)
+    lines = card_lines(rows, curves, total)
     print("\n".join(lines))
-    with open(path("card.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path("card.md.tmp"), path("card.md"))
-    with open(path("card.json.tmp"), "w") as f:
-        json.dump({"rows": rows, "minutes": total / 60, "quick": args.quick, "seed": seed}, f, indent=2)
-    os.replace(path("card.json.tmp"), path("card.json"))
-    print(f"wrote {path('card.md')}, {path('card.json')}" +
-          (f" and {path('card.png')}" if plot(rows, path("card.png")) else " (no plot: matplotlib is not installed)"))
+    write_file(os.path.join(out, "card.md"), "\n".join(lines) + "\n")
+    write_file(os.path.join(out, "card.json"), json.dumps(
+        {"rows": rows, "curves": curves, "minutes": total / 60, "quick": args.quick, "seed": args.seed}, indent=2))
+    png = os.path.join(out, "card.png")
+    print(f"wrote {os.path.join(out, 'card.md')}, {os.path.join(out, 'card.json')}" +
+          (f" and {png}" if plot(rows, curves, png) else " (no plot: matplotlib is not installed)"))
 
 
 if __name__ == "__main__":
