@@ -151,6 +151,19 @@ def test_prepare_refuses_bad_sizes(tmp_path):
         assert bad.returncode != 0 and flag in bad.stderr and not os.listdir(tmp_path)
 
 
+def test_styles_by_hand():
+    sty = load("styles")
+    q = "What is the last digit of 57 + 8 * 5?"
+    worked, slipped = prep.trace((57, 8, 5)), "<think>57 + 8 * 5: 5+8=13 (4), 3.</think> <answer>3</answer>"
+    terse, at_once = prep.terse((57, 8, 5)), " 7."
+    assert [sty.style(c) for c in (worked, slipped, terse, at_once, "<think>")] == [
+        "worked", "worked", "terse", "at once", "terse"]
+    assert sty.starts_right(q, worked) and not sty.starts_right(q, slipped)  # 5 is the tens digit
+    assert not sty.starts_right(q, "<think>57 + 8 * 5: 7+9=16 (4), 6.</think>")  # the wrong step
+    shares = sty.tally([(q, worked, True), (q, slipped, False), (q, terse, True), (q, at_once, False)])
+    assert shares == {"worked": (0.5, 0.5, 0.5), "terse": (0.25, 1.0, None), "at once": (0.25, 0.0, None)}
+
+
 # ----------------------------------------------------------------------------------------
 # the pipeline's pieces
 
@@ -300,3 +313,13 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("unchanged, reused") == len(json.load(open(out / "stages.json")))
     assert json.load(open(out / "card.json"))["rows"] == card["rows"]
+    # styles.py samples a checkpoint of the run and splits its answers by style
+    cold = str(out / card["rows"][2]["model"])
+    cmd = [sys.executable, os.path.join(ROOT, "data", "sums", "styles.py"), "--model", cold,
+           "--data", str(out / "data" / "fresh.jsonl"), "--max-prompts", "5", "--num-samples", "2"]
+    styles = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert styles.returncode == 0, styles.stderr[-3000:]
+    lines = styles.stdout.splitlines()
+    assert lines[0].startswith("10 samples from 5 prompts of ")
+    shares = [float(re.search(r"share (\S+),", line).group(1)) for line in lines[1:]]
+    assert shares and abs(sum(shares) - 1) < 0.011

@@ -20,7 +20,9 @@ and data stay under --out:
 Every model is then evaluated on the held-out prompts by reject_sample.py (R1's protocol:
 temperature 0.6, top-p 0.95, 4 samples per prompt), and the report card is printed
 and written to OUT/card.md, OUT/card.json and, when matplotlib is installed, OUT/card.png
-(the bars, and the RL stages' held-out pass@1 and length over their steps).
+(the bars, and the RL stages' held-out pass@1 and length over their steps). To see why a
+model scores what it scores, data/sums/styles.py splits its answers into worked out,
+terse and at once, each with its pass@1.
 
 Running it again reuses every stage whose command has not changed since it finished (the
 commands are kept in OUT/stages.json); a changed stage runs again, and so does every stage
