@@ -1,6 +1,6 @@
 """The whole R1 recipe in miniature, on the sums task: one command, offline, on a CPU.
 
-    python data/sums/pipeline.py                   # every stage, about 14 minutes on 2 CPU cores
+    python data/sums/pipeline.py                   # every stage, about 13 minutes on 2 CPU cores
     python data/sums/pipeline.py --quick           # the same stages, shortened: a smoke test
     python data/sums/pipeline.py --rl-args "--scale none --agg seq-sum"   # Dr. GRPO in every RL stage
 
