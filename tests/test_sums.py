@@ -1,5 +1,6 @@
-"""The miniature pipeline: the sums task's data (data/sums/prepare.py) and the one command
-that runs every stage of the recipe on it (data/sums/pipeline.py)."""
+"""The miniature pipeline: the sums task's data (data/sums/prepare.py), the one command
+that runs every stage of the recipe on it (data/sums/pipeline.py), and the split of a
+checkpoint's answers by style (data/sums/styles.py)."""
 
 import importlib.util
 import json
@@ -146,7 +147,9 @@ def test_prepare_refuses_bad_sizes(tmp_path):
     assert bad.returncode != 0 and "--min-times" in bad.stderr
     few = subprocess.run(cmd + ["--max-times", "1", "--num-train", "5000"], capture_output=True, text=True)
     assert few.returncode != 0 and "distinct questions" in few.stderr and not os.listdir(tmp_path)
-    for flags, flag in [(["--max-times", "10"], "--max-times"), (["--num-test", "-5"], "--num-test")]:
+    for flags, flag in [(["--max-times", "10"], "--max-times"), (["--num-test", "-5"], "--num-test"),
+                        (["--num-mid", "-1"], "--num-mid"), (["--terse", "1.5"], "--terse"),
+                        (["--mid-worked", "-0.1"], "--mid-worked")]:
         bad = subprocess.run(cmd + flags, capture_output=True, text=True)
         assert bad.returncode != 0 and flag in bad.stderr and not os.listdir(tmp_path)
 
@@ -162,6 +165,20 @@ def test_styles_by_hand():
     assert not sty.starts_right(q, "<think>57 + 8 * 5: 7+9=16 (4), 6.</think>")  # the wrong step
     shares = sty.tally([(q, worked, True), (q, slipped, False), (q, terse, True), (q, at_once, False)])
     assert shares == {"worked": (0.5, 0.5, 0.5), "terse": (0.25, 1.0, None), "at once": (0.25, 0.0, None)}
+    assert sty.MAX_NEW_TOKENS == pipe.MAX_NEW_TOKENS  # the limit the pipeline's models were trained under
+
+
+def test_styles_names_a_bad_data_line_a_missing_model_and_a_bad_flag(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "What is the last digit of 5 + 2 * 3?", "answer": "1"}\n'
+                    '{"prompt": "What is 2 + 2?", "answer": "4"}\n')
+    cmd = [sys.executable, os.path.join(ROOT, "data", "sums", "styles.py"), "--data", str(data)]
+    for flags, message in [(["--model", "nowhere"], f"{data}:2: not a question of the sums task"),
+                           (["--model", str(tmp_path / "nowhere"), "--max-prompts", "1"], "nowhere"),
+                           (["--model", "m", "--num-samples", "0"], "--num-samples must be at least 1"),
+                           (["--model", "m", "--top-p", "0"], "--top-p must be above 0")]:
+        bad = subprocess.run(cmd + flags, capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ----------------------------------------------------------------------------------------

@@ -248,8 +248,8 @@ def run_stages(args, size, out, stages):
         done[name] = (last_checkpoint(os.path.join(out, name)), seconds)
         return done[name][0]
 
-    # 1. base: pretraining text (the skills and drills of the procedure, no question), then a
-    # short mid-training on answered questions, half of them worked out stepwise
+    # 1. base: pretraining text (the skills, and exercises of the procedure; no question), then
+    # a short mid-training on answered questions, half of them worked out stepwise
     pre = train("pretrain", "sft.py", ["--init", "scratch", *BASE, "--data", files["pretrain"],
                                        "--epochs", size["pretrain_epochs"], "--batch-size", 32, "--lr", 3e-3,
                                        *sft, "--micro-batch-size", 32])

@@ -1,6 +1,7 @@
 """The last digit of n + d * k, worked out one addition at a time: the miniature R1's task.
 
-Writes, in --out-dir (this folder by default), with fixed seeds, no question in two files:
+Writes, in --out-dir (this folder by default), with fixed seeds; no question is in two of
+the question files:
   train.jsonl       RL prompts            {"prompt", "answer", "lang"}
   test.jsonl        held-out prompts      (the report card is measured on these)
   fresh.jsonl       prompts for rejection sampling, seen by no earlier stage
@@ -8,16 +9,16 @@ Writes, in --out-dir (this folder by default), with fixed seeds, no question in 
                     half worked out stepwise, half answered at once (--terse)
   mid.jsonl         mid-training          {"prompt", "completion"}: questions answered as most
                     pages answer them, half worked out stepwise (--mid-worked)
-  pretrain.jsonl    pretraining text      {"text"}: the skills and drills of the procedure,
-                    no question, and no held-out sum
+  pretrain.jsonl    pretraining text      {"text"}: the skills, and exercises of the procedure
+                    under their heading; no question, and no held-out sum
 
     python data/sums/prepare.py
     python data/sums/prepare.py --max-times 9 --out-dir out/sums9
 
 Why this task: "What is the last digit of 57 + 8 * 5?" in one go asks a model of a
 million parameters for a product and a sum at once, which it does not manage. Written out
-inside <think> (7+8=15 (4), 5+8=13 (3), ...: add, keep the last digit, count down the
-additions left) each step is one fact of the addition table of two digits, and reads only
+inside <think> (57 + 8 * 5: 7+8=15 (4), 5+8=13 (3), ...: copy the sum, then add, keep the
+last digit, count down the additions left) each step is one fact of the addition table of two digits, and reads only
 what lies a fixed distance behind it; the digit after the last step is the answer, so an
 answer that does not follow from the working is rare and a guess stops paying. Answers
 are integers, checked by rewards.py.
@@ -116,9 +117,12 @@ def main():
     args = p.parse_args()
     if not 1 <= args.min_times <= args.max_times <= 9:
         p.error("--min-times must be at least 1 and at most --max-times, which is at most 9 (one-digit counts)")
-    for flag in ["num_train", "num_test", "num_fresh", "num_cold_start", "num_pretrain"]:
+    for flag in ["num_train", "num_test", "num_fresh", "num_cold_start", "num_pretrain", "num_mid"]:
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    for flag in ["terse", "mid_worked"]:
+        if not 0 <= getattr(args, flag) <= 1:
+            p.error(f"--{flag.replace('_', '-')} must be a share, from 0 to 1")
 
     rng = random.Random(args.seed)
     sizes = [("test", args.num_test), ("train", args.num_train), ("fresh", args.num_fresh),

@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import rewards as R  # noqa: E402
 from nanor1 import common, models, sampling  # noqa: E402
 
+MAX_NEW_TOKENS = 112  # as pipeline.py's stages
 STYLES = ("worked", "terse", "at once")
+SUM = re.compile(r"(\d+) \+ (\d) \* \d")
 STEP = re.compile(r"(\d)\+(\d)=(\d\d) \((\d)\)")
 
 
@@ -39,7 +41,7 @@ def style(completion):
 
 def starts_right(prompt, completion):
     """The first step starts from the last digit of the question's start and adds its step."""
-    n, d = re.search(r"(\d+) \+ (\d) \* \d", prompt).groups()
+    n, d = SUM.search(prompt).groups()
     first = STEP.search(completion)
     return first is not None and first.group(1) == n[-1] and first.group(2) == d
 
@@ -63,12 +65,20 @@ def main():
     p.add_argument("--num-samples", type=int, default=4, help="completions per prompt")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=int, default=112, help="completion length limit, tokens")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="completion length limit, tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = p.parse_args()
+    common.check_ranges(p, args, at_least_1=["max_prompts", "num_samples", "max_new_tokens"],
+                        at_least_0=["temperature"])
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be above 0 and at most 1")
     try:
-        model, tok = models.load_model(args.model)
         examples = common.read_jsonl(args.data, required=("prompt", "answer"))[: args.max_prompts]
+        for ex in examples:
+            if not isinstance(ex["prompt"], str) or not SUM.search(ex["prompt"]):
+                raise common.UserError(f"{ex['_where']}: not a question of the sums task (n + d * k)")
+        model, tok = models.load_model(args.model)
+        eos = models.eos_ids(model, tok)
     except common.UserError as e:
         raise SystemExit(f"error: {e}")
     model.eval()
@@ -77,7 +87,7 @@ def main():
     rows = []
     for s in range(0, len(examples), 50):
         out = sampling.rollout(model, tok, examples[s:s + 50], prompt_ids[s:s + 50], args.num_samples,
-                               args.max_new_tokens, args.temperature, args.top_p, models.eos_ids(model, tok),
+                               args.max_new_tokens, args.temperature, args.top_p, eos,
                                R.parse_rewards("accuracy"), gen, {})
         rows += [(r["example"]["prompt"], r["text"], r["parts"]["accuracy"] == 1.0) for r in out]
     print(f"{len(rows)} samples from {len(examples)} prompts of {args.data}, temperature {args.temperature}")
