@@ -236,7 +236,7 @@ def run_stages(args, size, out, stages):
                                               for x in (f"--{k.replace('_', '-')}", size[k])]])
 
     sft = ["--template", "raw", "--device", dev, "--seed", seed, "--micro-batch-size", 16, "--val-fraction", 0]
-    # both RL stages: temperature 1.0 (explore), no KL term (beta 0), the held-out curve on the way
+    # every RL stage: temperature 1.0 (explore), no KL term (beta 0), the held-out curve on the way
     grpo = ["--template", "raw", "--device", dev, "--seed", seed, "--max-new-tokens", MAX_NEW_TOKENS,
             "--group", 8, "--prompts-per-step", 8, "--micro-batch-size", 128, "--temperature", 1.0,
             "--beta", 0, "--rewards", "accuracy,format", "--data", files["train"], "--sample-every", 10,

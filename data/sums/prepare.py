@@ -18,9 +18,10 @@ the question files:
 Why this task: "What is the last digit of 57 + 8 * 5?" in one go asks a model of a
 million parameters for a product and a sum at once, which it does not manage. Written out
 inside <think> (57 + 8 * 5: 7+8=15 (4), 5+8=13 (3), ...: copy the sum, then add, keep the
-last digit, count down the additions left) each step is one fact of the addition table of two digits, and reads only
-what lies a fixed distance behind it; the digit after the last step is the answer, so an
-answer that does not follow from the working is rare and a guess stops paying. Answers
+last digit, count down the additions left) each step is one fact of the addition table of
+two digits, and reads only what lies a fixed distance behind it; the digit after the last
+step is the answer, so an answer that does not follow from the working is rare and a
+guess stops paying. Answers
 are integers, checked by rewards.py.
 """
 
@@ -75,7 +76,7 @@ def terse(q):
 def one_go(rng, q):
     """An answer as most pages give it: at once, now and then with a short note in <think>,
     now and then inside <answer>."""
-    n, d, k = q
+    _, d, k = q
     note = f"<think>{k} times {d}.</think> " if rng.random() < 0.2 else " "
     ans = f"<answer>{answer(q)}</answer>" if rng.random() < 0.3 else f"{answer(q)}."
     return note + ans
