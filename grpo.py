@@ -216,7 +216,7 @@ LOGIT_CHUNK = 2**24  # float32 entries of the logits turned into log-probs at on
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1.0,
-                        with_entropy=False):
+                        with_entropy=False, vocab=None):
     """Log-probs (B, T) of completion tokens `ids` given left-padded prompts, in one forward.
 
     Logits are divided by the sampling temperature so that the probabilities are those of
@@ -225,7 +225,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1
     sequence at least), and is recomputed in the backward pass: at most one chunk's float32
     copy of the logits exists at a time, in the forward and in the backward pass, beside
     the model's own logits. Padding positions get 0. Gradients flow unless the caller is
-    under torch.no_grad(). Returns logp, or (logp, entropy) with with_entropy.
+    under torch.no_grad(). vocab: the tokenizer's size; the rows a model has past it (Qwen's
+    padding) are left out, as sampling leaves them out. Returns logp, or (logp, entropy).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -234,7 +235,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1
     attn = torch.cat([prompt_mask, mask], dim=1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding takes no positions
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
-                   use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # (B, T, V)
+                   use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :vocab]  # (B, T, V)
 
     def chunk_logp(x, target):  # (b, T, V), (b, T) -> (b, T)
         x = x.float() / temperature
@@ -526,7 +527,8 @@ def train(args):
             off = model.disable_adapter() if args.lora_rank else contextlib.nullcontext()
             with torch.inference_mode(), amp(), off:
                 for j, ix in enumerate(micro):
-                    ref_logps[j] = completion_logprobs(model if ref is None else ref, *tensors(ix), args.temperature)
+                    ref_logps[j] = completion_logprobs(model if ref is None else ref, *tensors(ix), args.temperature,
+                                                         vocab=len(tok))
         t_update = clock()
         old_logps = [None] * len(micro)
         for it in range(args.num_iterations if total_seq else 0):
@@ -535,7 +537,7 @@ def train(args):
                 p_ids, p_mask, ids, mask = tensors(ix)
                 with amp():
                     logp, ent = completion_logprobs(model, p_ids, p_mask, ids, mask, args.temperature,
-                                                    with_entropy=True)  # (b, T) each
+                                                    with_entropy=True, vocab=len(tok))  # (b, T) each
                 if it == 0:  # pi_old: the weights that sampled, not yet updated
                     old_logps[j] = logp.detach()
                 loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low,

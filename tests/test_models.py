@@ -1,4 +1,7 @@
-"""Where models come from: the tiny offline model and tokenizer, short names, local folders."""
+"""Where models come from: the tiny offline model and tokenizer, short names, local folders, GGUF files."""
+
+import os
+import sys
 
 import pytest
 import torch
@@ -74,3 +77,35 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tiny_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path / "short")
     with pytest.raises(common.UserError, match=f"predicts {rows} tokens but its tokenizer has {rows + 3}"):
         models.load_model(str(tmp_path / "short"))
+
+
+# ------------------------------------------------------------------------- GGUF files
+
+
+def test_gguf_names_are_files_never_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert models.model_candidates("missing.gguf") == [("GGUF file", "missing.gguf")]
+    (tmp_path / "here.gguf").write_bytes(b"GGUF")
+    assert models.model_candidates("here.gguf") == [("GGUF file", "here.gguf")]
+    assert models.model_candidates(str(tmp_path / "sub" / "x.Q4_1.gguf"))[0][0] == "GGUF file"
+    with pytest.raises(common.UserError, match="--model missing.gguf: no such GGUF file"):
+        models.load_model("missing.gguf")
+
+
+def test_a_file_an_installed_package_ships_is_found_by_its_name():
+    found = models.packaged_file("__init__.py")  # every installed package with a folder ships one
+    assert found and os.path.isfile(found) and os.path.basename(found) == "__init__.py"
+    assert models.packaged_file(os.path.join("pytest", "__init__.py")) is None  # bare names only
+    assert models.packaged_file("no-package-ships-this.gguf") is None
+
+
+def test_gguf_folders_and_the_missing_gguf_package(tmp_path, monkeypatch):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: its import fails
+    with pytest.raises(common.UserError, match=r"needs the gguf package \(pip install gguf\)"):
+        models.load_model(str(one))  # a folder holding one GGUF file and no config.json: that file
+    (one / "n.Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(common.UserError, match="holds 2 GGUF files"):
+        models.load_model(str(one))
