@@ -136,7 +136,8 @@ def extract_answer(completion):
     if bare and _looks_bare(bare):
         return bare
     first = False
-    gsm8k = text.rsplit("####", 1)[1] if "####" in text and not FINAL_MARK.search(text) else None
+    tail = text[final[-1].end():] if final else text  # "#### Final Answer" is a heading; a "####" after it counts
+    gsm8k = tail.rsplit("####", 1)[1] if "####" in tail else None
     if gsm8k is not None:
         return gsm8k.strip().split("\n")[0].strip().rstrip(".") or None
     for mark in (FINAL_MARK, ANSWER_MARK):  # the first thing after the last marker
@@ -203,7 +204,8 @@ def clean(s):
     s = re.sub(r"\\end\{(?:array|[pbvBV]?matrix)\}", r"\\matend ", s)
     s = re.sub(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([-+]?\d+)(?![\w.])", r"\1\\times 10^{\2}", s)  # 1e-05
     s = re.sub(r"\\[dtc]frac(?![A-Za-z])", r"\\frac", s).replace(r"\dbinom", r"\binom")
-    s = re.sub(r"(?<![\w.}^_{])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", r"(\1+\\frac{\2}{\3})", s)  # 2\frac12 = 5/2
+    # 2\frac12 = 5/2, also first in a set: \{2\frac12\}
+    s = re.sub(r"(?:(?<=\\\{)|(?<![\w.}^_{]))(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", r"(\1+\\frac{\2}{\3})", s)
     s = re.sub(r"\\(?:boxed|fbox)\s*\{", "{", s)  # a box inside the answer is only braces
     s = re.sub(r"\\q?quad|(?<!\\)\\[,;:! ]|~", " ", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)
@@ -887,6 +889,9 @@ def same(a, b):
         return a[3:] == b[3:] and same_expr(a[1], b[1]) and same_expr(a[2], b[2])
     if ka == kb == "union":
         return _same_items(a[1], b[1], ordered=False)
+    if ka == "set" and len(a[1]) > 1 and kb not in ("list", "tuple", "set", "union"):
+        items = _unique(a[1])  # one answer written twice: \boxed{15\frac{39}{40}} or \boxed{\frac{639}{40}}
+        return len(items) == 1 and same(items[0], b)
     if ka in ("list", "tuple", "set") and kb in ("list", "tuple", "set"):
         if ka == kb == "tuple" and a[2] != b[2]:
             return False

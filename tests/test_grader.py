@@ -22,6 +22,8 @@ from nanor1 import grader as G
     ("the roots are \\boxed{2} and \\boxed{5}", "\\{2, 5\\}"),               # boxes joined by "and": a set
     ("Natalia sold 48 clips.\n#### 72", "72"),                              # GSM8K
     ("#### 7\nno wait\n#### 9", "9"),
+    ("the final answer is 15 gallons * 8 pints = <<15*8=120>>120 pints\n#### 120", "120"),  # GSM8K train:7158
+    ("#### Final Answer\nThe answer is 42", "42"),                          # "####" before the marker: a heading
     ("\\boxed{12", None),                                                   # unbalanced: no answer
     ("<think>the answer is 4</think>", None),                               # nothing after </think>
     ("<think>still going, 4", None),                                        # never closed
@@ -101,6 +103,10 @@ def test_math_equal_false(pred, gold):
     ("2^10", "1024", True), ("2\\frac{1}{2}", "\\frac52", True), ("\\sin 2x", "\\sin(2x)", True),
     ("\\ln e", "1", True), ("So it is 5.", "5", True), ("\\boxed{\\boxed{5}}", "5", True),
     ("\\boxed{3}. Wait, let me recheck. \\boxed{4}", "4", True),
+    # MATH-500's gold solutions: one answer boxed in two forms (number_theory/459)
+    ("$\\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$", "\\frac{639}{40}", True),
+    ("\\{2\\frac{1}{2}\\}", "\\{\\frac{5}{2}\\}", True), ("\\boxed{3} or \\boxed{3.0}", "3", True),
+    ("\\boxed{3} or \\boxed{4}", "3", False), ("\\{3\\}", "3", False),        # two answers; a set of one
 ])
 def test_math_equal_review_cases(pred, gold, want):
     assert G.math_equal(pred, gold) is want
