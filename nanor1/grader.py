@@ -640,7 +640,10 @@ def parse(text):
 # - expressions with variables are compared at five fixed points, two of them negative
 #   (where a side is not real there, as sqrt(x)sqrt(y), that point is skipped); when
 #   they cannot be evaluated (f(x), sums), by structure after expanding;
-# - in a chain a = b = c the last part is the answer (x = 2+3 = 5 is 5).
+# - in a chain a = b = c the last part is the answer (x = 2+3 = 5 is 5);
+# - a computation left undone is not the answer to a number: "76 + 36" or "(9+1)" for 112
+#   or 10 scores 0 (Math-Verify accepts it). RL on arithmetic finds that loophole within
+#   a few steps, answering by restating the question; a fraction (1/2, \frac12) stays a number.
 
 REL_TOL = 1e-9
 
@@ -925,10 +928,20 @@ def _unique(items):
     return out
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+UNDONE = re.compile(r"\(?-?\d+(?:\.\d+)?(?:(?:[-+*×÷]|\\cdot|\\times|\\div)\(?-?\d+(?:\.\d+)?\)?)+\)?")  # 76+36
+
+
+def undone(answer, reference):
+    """True when `answer` is arithmetic on plain numbers left undone and the reference a number."""
+    bare = lambda s: re.sub(r"\\left|\\right|\\[()]|\s", "", s).strip("$.")  # noqa: E731
+    return bool(NUMBER.fullmatch(bare(reference)) and UNDONE.fullmatch(bare(answer)))
+
+
 def _check(pred, gold):
     """The whole comparison, run inside the worker process: extract, parse, compare."""
     a, b = extract_answer(pred), extract_answer(gold)
-    if not a or not b:
+    if not a or not b or undone(a, b):
         return False
     try:
         return any(same(x, y) for x in values(a) for y in values(b))
