@@ -18,6 +18,7 @@ models are built from a size preset with random weights (or loaded from --model)
 
     python bench.py --model tiny --group 8 --prompts-per-step 4 --max-new-tokens 64 --device cpu
     python bench.py --model 40m --dtype bfloat16 --device cpu
+    python bench.py --model SmolLM2-135M-Instruct.Q4_1.gguf --prompts-per-step 2 --sample-dtype bfloat16 --device cpu
     python bench.py --model qwen2.5-0.5b --group 16 --max-new-tokens 512          (on a GPU)
     python bench.py --compare --peer-python ../trl-venv/bin/python --runs 5 --model tiny --device cpu
 
@@ -56,6 +57,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype: float32, or bfloat16 autocast (weights stay float32 in nanoR1)")
+    p.add_argument("--sample-dtype", default="same", choices=["same", "bfloat16"],
+                   help="grpo.py's --sample-dtype: sample with the trained weights, or from a bfloat16 copy (nanoR1 only)")
     p.add_argument("--group", type=int, default=8, help="completions per prompt, G")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step, P")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled for every completion")
@@ -124,7 +127,7 @@ def run_nanor1(args, model_dir, data, device, work):
         "--max-new-tokens", str(args.max_new_tokens), "--beta", str(args.beta), "--lr", "1e-6",
         "--micro-batch-size", str(args.micro_batch_size),
         "--num-steps", str(args.warmup + args.steps), "--device", str(device), "--dtype", args.dtype,
-        "--seed", str(args.seed), "--sample-every", "0", "--save-every", str(10**9)])
+        "--sample-dtype", args.sample_dtype, "--seed", str(args.seed), "--sample-every", "0", "--save-every", str(10**9)])
     timed = history[args.warmup:]
     tokens = args.prompts_per_step * args.group * args.max_new_tokens
     if any(r["len"] != args.max_new_tokens for r in timed):

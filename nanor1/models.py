@@ -65,6 +65,9 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
             except Exception as e:  # the hub client raises many types; all mean "not here"
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 continue
+            if gguf:  # dequantised on loading: a plain float model, saved as one (transformers would refuse)
+                model.hf_quantizer = None
+                model.config.__dict__.pop("quantization_config", None)
             if tok is not None and tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
             rows = model.get_output_embeddings().weight.shape[0]

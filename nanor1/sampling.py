@@ -21,6 +21,7 @@ does not depend on when the others end.
 
 import functools
 import time
+from copy import deepcopy
 
 import torch
 
@@ -113,6 +114,24 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
     model.train(was_training)
     return {"ids": ids[:, :t + 1], "mask": mask[:, :t + 1], "truncated": ~done}  # (N, T'): T' the longest
+
+def low_precision_copy(model, dtype, copy=None):
+    """`model` with its weights in `dtype`, to sample from: made on the first call, its weights
+    refreshed in place on the next (-> the copy). Decoding a token reads every weight, so
+    half the bytes (and a CPU's bf16 matrix units) make sampling faster; the model itself
+    keeps float32 weights for the update. Buffers (rotary frequencies) stay float32. The
+    copy's distribution differs from the model's by bf16's rounding; the log-probs of the
+    update are the model's own."""
+    if copy is None:
+        copy = deepcopy(model).eval()
+        for p in copy.parameters():
+            p.requires_grad_(False)
+            p.data = p.data.to(dtype)
+        return copy
+    with torch.no_grad():
+        for c, p in zip(copy.parameters(), model.parameters()):
+            c.copy_(p)
+    return copy
 
 # ----------------------------------------------------------------------------------------
 # scoring and evaluation

