@@ -60,7 +60,8 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
         # the local cache first (instant, and it works offline), then the hub, which retries
         for local_only in [True] if offline or kind != "hub id" else [True, False]:
             try:
-                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local_only, **gguf)
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local_only,
+                                                             **gguf, **dense_weights(gguf))
                 tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only, **gguf) if tokenizer else None
             except Exception as e:  # the hub client raises many types; all mean "not here"
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -117,6 +118,17 @@ def gguf_file(name, kind, where):
     except ImportError:
         raise UserError(f"--model {name}: reading a GGUF file needs the gguf package (pip install gguf)") from None
     return os.path.dirname(os.path.abspath(where)), {"gguf_file": os.path.basename(where)}
+
+
+def dense_weights(gguf):
+    """from_pretrained's arguments for plain float weights from a GGUF file: transformers 5
+    keeps them packed in their 4-bit blocks where the `kernels` package has a matmul for
+    them, and packed weights cannot be trained. Older transformers always unpack them."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)} if gguf else {}
 
 
 def load_for_training(name, device, resumed=None, lora_rank=0, lora_alpha=32.0):

@@ -15,6 +15,17 @@ torch.set_num_threads(1)  # repeatable float sums, and CI has 2 cores
 from nanor1 import models  # noqa: E402
 
 
+def data_script(folder, name):
+    """data/<folder>/<name>.py imported as a module of its own (every folder has a prepare.py)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(root, "data", folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end check of several seconds; still runs in CI")
 

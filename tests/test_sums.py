@@ -2,7 +2,6 @@
 that runs every stage of the recipe on it (data/sums/pipeline.py), and the split of a
 checkpoint's answers by style (data/sums/styles.py)."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,18 +11,12 @@ import sys
 import pytest
 
 import rewards as R
+from conftest import data_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"sums_{name}", os.path.join(ROOT, "data", "sums", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prep, pipe = load("prepare"), load("pipeline")
+prep, pipe = data_script("sums", "prepare"), data_script("sums", "pipeline")
 
 
 def prepare(out, *flags):
@@ -155,7 +148,7 @@ def test_prepare_refuses_bad_sizes(tmp_path):
 
 
 def test_styles_by_hand():
-    sty = load("styles")
+    sty = data_script("sums", "styles")
     q = "What is the last digit of 57 + 8 * 5?"
     worked, slipped = prep.trace((57, 8, 5)), "<think>57 + 8 * 5: 5+8=13 (4), 3.</think> <answer>3</answer>"
     terse, at_once = prep.terse((57, 8, 5)), " 7."

@@ -14,6 +14,7 @@ Each stage is one command of the project, printed before it runs, its log under 
   grpo     grpo.py: R1-Zero's rewards (accuracy + format) under the model's own chat
            template, no instruction, no supervised data                   -> OUT/grpo
   after    reject_sample.py on the test questions, the last checkpoint    -> OUT/eval/after.*
+  probe    data/smollm2/probe.py, before and after: the adding alone, "47 + 85 =" completed
 The evaluation is R1's protocol (temperature 0.6, top-p 0.95, 4 samples a question, pass@1)
 with the weights in bfloat16, as GRPO samples them here (--sample-dtype bfloat16), before
 and after alike. The card is printed and written to OUT/card.md, OUT/card.json and, with
@@ -38,9 +39,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_NEW_TOKENS = 64
-# the GRPO run: 2 questions x 8 samples a step, learning rate 3e-5 with a short warm-up,
-# no KL term, the sampling copy of the weights in bfloat16
-SIZES = {"full": dict(num_steps=80, num_test=200, eval_samples=4),
+# the GRPO run: 2 questions x 8 samples a step, learning rate 3e-5, no KL term, the sampling
+# copy of the weights in bfloat16 (chosen on the dev split: docs/smollm2.md)
+SIZES = {"full": dict(num_steps=60, num_test=200, eval_samples=4),
          "quick": dict(num_steps=2, num_test=4, eval_samples=2)}
 
 
@@ -152,19 +153,27 @@ def main(argv=None):
     seconds["grpo"] = stage("grpo", "grpo.py", [
         "--model", args.model, "--data", os.path.join(data, "train.jsonl"), "--out", run,
         "--template", "chat", "--rewards", "accuracy,format", "--group", 8, "--prompts-per-step", 2,
-        "--max-new-tokens", MAX_NEW_TOKENS, "--temperature", 1.0, "--lr", args.lr, "--warmup-steps", 5,
+        "--max-new-tokens", MAX_NEW_TOKENS, "--temperature", 1.0, "--lr", args.lr,
         "--beta", 0, "--sample-dtype", "bfloat16", "--num-steps", size["num_steps"], "--sample-every", 1,
         "--device", args.device, "--seed", args.seed], logs)
     last = os.path.join(run, sorted(d for d in os.listdir(run) if d.startswith("step-"))[-1])
     after, seconds["after"] = evaluate("after", last, args, size, test, out, logs)
+    probe = {}
+    for name, model in [("before", args.model), ("after", last)]:  # the adding alone, the answer started for it
+        seconds[f"probe-{name}"] = stage(f"probe-{name}", "data/smollm2/probe.py", ["--model", model, "--data", test],
+                                         logs)
+        probe[name] = json.loads(open(os.path.join(logs, f"probe-{name}.log")).read().strip().splitlines()[-1])["right"]
     steps = curves(run)
     card = {"model": args.model, "steps": len(steps), "lr": args.lr, "before": before, "after": after,
-            "gain": after["pass@1"] - before["pass@1"], "minutes": {k: v / 60 for k, v in seconds.items()}}
+            "gain": after["pass@1"] - before["pass@1"], "probe": probe,
+            "minutes": {k: v / 60 for k, v in seconds.items()}}
     lines = [f"# SmolLM2-135M-Instruct, GRPO on two-digit additions ({'quick smoke test' if args.quick else 'full'})",
              "", "| | held-out pass@1 | pass@4 | format | mean length | cut at the limit |", "|---|---|---|---|---|---|"]
     for name, r in [("before", before), ("after", after)]:
         lines.append(f"| {name} | {r['pass@1']:.3f} | {r.get('pass@4', float('nan')):.3f} | {r['format']:.3f} | "
                      f"{r['len']:.1f} | {r['trunc']:.3f} |")
+    lines += ["", f"The adding alone (data/smollm2/probe.py: '47 + 85 =' completed greedily): "
+              f"{probe['before']:.3f} before, {probe['after']:.3f} after."]
     lines += ["", f"{len(steps)} GRPO steps of 2 questions x 8 samples, learning rate {args.lr:g}; minutes: "
               + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + f", total {sum(seconds.values()) / 60:.1f}",
               "", "What it wrote in training, at the first and the last step sampled (reward):", ""]
