@@ -455,9 +455,10 @@ def train(args):
 
     def sampler():  # the policy that samples: the model, or its bfloat16 copy with the current weights
         nonlocal copy_bf16
-        if args.sample_dtype == "bfloat16":
-            copy_bf16 = sampling.low_precision_copy(model, torch.bfloat16, copy_bf16)
-        return copy_bf16 or model
+        if args.sample_dtype == "same":
+            return model
+        copy_bf16 = sampling.low_precision_copy(model, torch.bfloat16, copy_bf16)
+        return copy_bf16
 
     def run_eval(step):  # on process 0 only, the others going on; under FSDP every process takes part
         if rank and not args.fsdp:

@@ -103,7 +103,8 @@ def plot(steps, before, after, path):
         return False
     x = [r["step"] for r in steps]
     fig, (train, length, bars) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for key, label in [("accuracy", "accuracy"), ("format", "format"), ("trunc", "cut at the token limit")]:
+    for key, label in [("reward", "reward = accuracy + format"), ("format", "format"),
+                       ("trunc", "cut at the token limit")]:
         train.plot(x, smooth([r[key] for r in steps]), label=label)
     train.set(title="training samples (running mean of 10 steps)", xlabel="GRPO step", ylim=(-0.02, 1.02))
     train.legend(fontsize=8)
