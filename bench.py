@@ -58,7 +58,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype: float32, or bfloat16 autocast (weights stay float32 in nanoR1)")
     p.add_argument("--sample-dtype", default="same", choices=["same", "bfloat16"],
-                   help="grpo.py's --sample-dtype: sample with the trained weights, or from a bfloat16 copy (nanoR1 only)")
+                   help="grpo.py's --sample-dtype: sample with the trained weights, or from a bfloat16 copy "
+                        "(nanoR1 only)")
     p.add_argument("--group", type=int, default=8, help="completions per prompt, G")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step, P")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled for every completion")
@@ -127,7 +128,8 @@ def run_nanor1(args, model_dir, data, device, work):
         "--max-new-tokens", str(args.max_new_tokens), "--beta", str(args.beta), "--lr", "1e-6",
         "--micro-batch-size", str(args.micro_batch_size),
         "--num-steps", str(args.warmup + args.steps), "--device", str(device), "--dtype", args.dtype,
-        "--sample-dtype", args.sample_dtype, "--seed", str(args.seed), "--sample-every", "0", "--save-every", str(10**9)])
+        "--sample-dtype", args.sample_dtype, "--seed", str(args.seed), "--sample-every", "0",
+        "--save-every", str(10**9)])
     timed = history[args.warmup:]
     tokens = args.prompts_per_step * args.group * args.max_new_tokens
     if any(r["len"] != args.max_new_tokens for r in timed):

@@ -75,8 +75,9 @@ def get_args(argv=None):
                    help="compute dtype (weights and optimizer stay float32); auto = bfloat16 on CUDA, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--sample-dtype", default="same", choices=["same", "bfloat16"],
-                   help="same: sample with the trained weights (under --dtype); bfloat16: from a bfloat16 copy refreshed "
-                        "every step (faster where the CPU has bf16 units or on a GPU; one more copy of the weights)")
+                   help="same: sample with the trained weights (under --dtype); bfloat16: from a bfloat16 copy "
+                        "refreshed every step (faster where the CPU has bf16 units or on a GPU; one more copy of "
+                        "the weights)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank on every linear layer instead of all weights; 0 = off (needs peft)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator: adapters are scaled by alpha / rank")
@@ -161,8 +162,9 @@ def get_args(argv=None):
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--fsdp shards the model over the processes of torchrun: run under torchrun --nproc_per_node N >= 2")
     if args.fsdp and (args.lora_rank or args.dynamic_sampling or args.sample_dtype != "same"):
-        p.error("--fsdp with --lora-rank, --dynamic-sampling or --sample-dtype is not supported (with --dynamic-sampling "
-                "the processes would run different numbers of forward passes, which FSDP's gathers cannot)")
+        p.error("--fsdp with --lora-rank, --dynamic-sampling or --sample-dtype bfloat16 is not supported (with "
+                "--dynamic-sampling the processes would run different numbers of forward passes, which FSDP's gathers "
+                "cannot; a whole bfloat16 copy would undo the sharding)")
     if (args.eval_every or args.eval_prompts) and not args.eval_data:
         p.error("--eval-every and --eval-prompts need --eval-data")
     try:

@@ -136,10 +136,12 @@ def extract_answer(completion):
     if bare and _looks_bare(bare):
         return bare
     first = False
-    tail = text[final[-1].end():] if final else text  # "#### Final Answer" is a heading; a "####" after it counts
-    gsm8k = tail.rsplit("####", 1)[1] if "####" in tail else None
-    if gsm8k is not None:
-        return gsm8k.strip().split("\n")[0].strip().rstrip(".") or None
+    # GSM8K's "#### 72": the last one, unless a "final answer" comes after it ("#### Final
+    # Answer" is a heading), and only when a number follows it (not "#### Check")
+    tail = text[final[-1].end():] if final else text
+    gsm8k = tail.rsplit("####", 1)[1].strip().split("\n")[0].strip().rstrip(".") if "####" in tail else ""
+    if re.match(r"[-$\\(]?\d", gsm8k):
+        return gsm8k
     for mark in (FINAL_MARK, ANSWER_MARK):  # the first thing after the last marker
         found = list(mark.finditer(text))
         if found:
@@ -928,20 +930,32 @@ def _unique(items):
     return out
 
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-UNDONE = re.compile(r"\(?-?\d+(?:\.\d+)?(?:(?:[-+*×÷]|\\cdot|\\times|\\div)\(?-?\d+(?:\.\d+)?\)?)+\)?")  # 76+36
+# a computation left undone: plain numbers joined by + - * and brackets (a lone / is a fraction)
+DIGITS_AND_OPS = re.compile(r"[\d.()+\-*/]*\d[\d.()+\-*/]*")
+BINARY_OP = re.compile(r"[\d)][-+*][\d(]")
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")  # 112, -3.5, 10,080
+
+
+def _bare(text):
+    """An answer with its typesetting and spacing gone, and the right side of a chain."""
+    text = text.rsplit("=", 1)[-1]
+    for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("×", "*"), ("·", "*"), ("÷", "/"),
+                 ("−", "-"), ("{,}", ",")]:
+        text = text.replace(a, b)
+    return re.sub(r"\\left|\\right|\\[()\[\],;:! ]|[\s~{}$]", "", text).rstrip(".")
 
 
 def undone(answer, reference):
-    """True when `answer` is arithmetic on plain numbers left undone and the reference a number."""
-    bare = lambda s: re.sub(r"\\left|\\right|\\[()]|\s", "", s).strip("$.")  # noqa: E731
-    return bool(NUMBER.fullmatch(bare(reference)) and UNDONE.fullmatch(bare(answer)))
+    """True when `answer` is arithmetic on plain numbers left undone ("76 + 36", "(9+1)")
+    and the reference is a number: "76 + 36" is not the answer to "What is 76 + 36?"."""
+    a = _bare(answer)
+    return bool(NUMBER.fullmatch(_bare(reference)) and DIGITS_AND_OPS.fullmatch(a) and BINARY_OP.search(a))
 
 
 def _check(pred, gold):
     """The whole comparison, run inside the worker process: extract, parse, compare."""
     a, b = extract_answer(pred), extract_answer(gold)
-    if not a or not b or undone(a, b):
+    if not a or not b or undone(a, b) or undone(b, a):  # both ways: the majority vote compares answers
         return False
     try:
         return any(same(x, y) for x in values(a) for y in values(b))

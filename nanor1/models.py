@@ -28,10 +28,11 @@ HUB_ORGS = [
 
 def model_candidates(name):
     """Where a model name may live, in the order they are tried: [(kind, where), ...]."""
-    if name.lower().endswith(".gguf") or os.path.isfile(name):
-        return [("GGUF file", os.path.expanduser(name) if os.path.exists(name) else packaged_file(name) or name)]
-    if os.path.isdir(name) or name.startswith((".", "/", "~")):
-        return [("local folder", os.path.expanduser(name))]
+    path = os.path.expanduser(name)
+    if name.lower().endswith(".gguf") and not os.path.isdir(path):
+        return [("GGUF file", path if os.path.exists(path) else packaged_file(name) or path)]
+    if os.path.exists(path) or name.startswith((".", "/", "~")):
+        return [("local folder", path)]
     if "/" in name:
         return [("hub id", name)]
     for prefix, org in HUB_ORGS:
@@ -54,7 +55,8 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
     tried = []
     for kind, where in model_candidates(name):
         if kind == "local folder" and not os.path.isdir(where):
-            tried.append(f"{kind} '{where}' (does not exist)")
+            tried.append(f"{kind} '{where}' (" + ("a file, not a folder; a GGUF file's name ends in .gguf"
+                                                  if os.path.isfile(where) else "does not exist") + ")")
             continue
         where, gguf = gguf_file(name, kind, where)
         # the local cache first (instant, and it works offline), then the hub, which retries
@@ -91,7 +93,11 @@ def packaged_file(name):
     if os.path.basename(name) != name:
         return None
     for dist in metadata.distributions():
-        for f in dist.files or []:
+        try:
+            files = dist.files or []
+        except Exception:  # a package whose file list cannot be read: not the one
+            continue
+        for f in files:
             if f.name == name:
                 return str(f.locate())
     return None

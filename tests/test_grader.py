@@ -24,6 +24,8 @@ from nanor1 import grader as G
     ("#### 7\nno wait\n#### 9", "9"),
     ("the final answer is 15 gallons * 8 pints = <<15*8=120>>120 pints\n#### 120", "120"),  # GSM8K train:7158
     ("#### Final Answer\nThe answer is 42", "42"),                          # "####" before the marker: a heading
+    ("The final answer is 42.\n\n#### Check\n40 + 2 = 42.", "42"),          # "####" with no number: a heading
+    ("Final answer: 12\n####", "12"),
     ("\\boxed{12", None),                                                   # unbalanced: no answer
     ("<think>the answer is 4</think>", None),                               # nothing after </think>
     ("<think>still going, 4", None),                                        # never closed
@@ -81,7 +83,9 @@ def test_math_equal_true(pred, gold):
     ("-5", "5"), ("2\\sqrt{2}", "\\sqrt{6}"), ("x+1", "x+2"), ("x^2", "y^2"), ("\\frac{1}{2}", "\\frac{1}{3}"),
     ("1, 2, 3", "3, 2, 1"),                                                 # a comma list is ordered
     ("2+3", "5"), ("3 \\cdot 4", "12"), ("76 is equal to 76 + 36.", "112"),  # a computation left undone
-    ("\\boxed{(9+1)}", "10"), ("The answer is 76 + 36.", "112"), ("-4 - 6", "-10.0"),
+    ("\\boxed{(9+1)}", "10"), ("The answer is 76 + 36.", "112"), ("-4 - 6", "-10.0"), ("112", "76 + 36"),
+    ("76\\,+\\,36", "112"), ("76~+~36", "112"), ("150 − 38", "112"), ("{76+36}", "112"), ("x = 76+36", "112"),
+    ("(76+36)/1", "112"), ("5040+5040", "10{,}080"),
     ("(1, 2)", "(2, 1)"), ("[0, 1)", "[0, 1]"), ("(0, 1)", "[0, 1)"), ("\\{1, 2\\}", "\\{1, 2, 3\\}"),
     ("x < 1", "x > 1"), ("x \\le 1", "x < 1"), ("a + b = 0", "0"), ("7 = 2a", "2a"),
     ("\\text{Paris}", "\\text{London}"), ("ABC2D", "2"), ("32, 349", "32349"),
@@ -109,6 +113,9 @@ def test_math_equal_false(pred, gold):
     ("$\\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$", "\\frac{639}{40}", True),
     ("\\{2\\frac{1}{2}\\}", "\\{\\frac{5}{2}\\}", True), ("\\boxed{3} or \\boxed{3.0}", "3", True),
     ("\\boxed{3} or \\boxed{4}", "3", False), ("\\{3\\}", "3", False),        # two answers; a set of one
+    # numbers that are not computations left undone
+    ("(12)", "12", True), ("-(3)", "-3", True), ("12.", "12", True), ("1e5", "100000", True), ("224/2", "112", True),
+    ("2^3", "8", True), ("76+36=112", "112", True),
 ])
 def test_math_equal_review_cases(pred, gold, want):
     assert G.math_equal(pred, gold) is want

@@ -90,6 +90,13 @@ def test_gguf_names_are_files_never_hub_ids(tmp_path, monkeypatch):
     assert models.model_candidates(str(tmp_path / "sub" / "x.Q4_1.gguf"))[0][0] == "GGUF file"
     with pytest.raises(common.UserError, match="--model missing.gguf: no such GGUF file"):
         models.load_model("missing.gguf")
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded before the file is looked for
+    assert models.model_candidates("~/here.gguf") == [("GGUF file", str(tmp_path / "here.gguf"))]
+    (tmp_path / "folder.gguf").mkdir()  # a folder whose name ends in .gguf is a folder
+    assert models.model_candidates("folder.gguf") == [("local folder", "folder.gguf")]
+    (tmp_path / "config.json").write_text("{}")  # a file that is not a GGUF file: said so
+    with pytest.raises(common.UserError, match="a file, not a folder"):
+        models.load_model("config.json")
 
 
 def test_a_file_an_installed_package_ships_is_found_by_its_name():

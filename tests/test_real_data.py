@@ -31,8 +31,7 @@ def real(*parts):
     """The path of a published file under ../shared/real/, or a skip naming it."""
     path = os.path.join(ROOT, "..", "shared", "real", *parts)
     if not os.path.isfile(path):
-        pytest.skip(f"{os.path.normpath(path)} is missing: the real data sets sit beside the project "
-                    "in CI (shared/real/), a clone may not have them")
+        pytest.skip(f"{os.path.normpath(path)} is missing (tests/real/README.md says where it comes from)")
     return path
 
 

@@ -40,7 +40,7 @@ def need(family):
     missing = [p for p in [SOURCES[family]] + ([R1_TEMPLATE_FILE] if family.startswith("r1") else [])
                if not os.path.exists(p)]
     if missing:
-        pytest.skip(f"the real files are not here: {', '.join(missing)} (see ../shared/real/README.md)")
+        pytest.skip(f"the real files are not here: {', '.join(missing)} (tests/real/README.md says where each comes from)")
 
 
 def build(family, out):
@@ -56,8 +56,9 @@ def build(family, out):
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), out)
     if os.path.exists(os.path.join(src, "tokenizer.json.gz")):
-        with gzip.open(os.path.join(src, "tokenizer.json.gz")) as f, open(os.path.join(out, "tokenizer.json"), "wb") as g:
-            shutil.copyfileobj(f, g)
+        with gzip.open(os.path.join(src, "tokenizer.json.gz")) as f:
+            with open(os.path.join(out, "tokenizer.json"), "wb") as g:
+                shutil.copyfileobj(f, g)
     config = AutoConfig.from_pretrained(out)
     config.update({"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
                    "num_key_value_heads": 2, "head_dim": 8, "max_window_layers": 1,
@@ -71,7 +72,8 @@ def build(family, out):
             template = json.load(f)["chat_template"]
         if family == "r1-distill-think":  # the later revision opens the thinking for the model
             template += "{% if add_generation_prompt and not ns.is_tool %}{{'<think>\\n'}}{% endif %}"
-        tok.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+        tok.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>",
+                                "eos_token": "<｜end▁of▁sentence｜>",
                                 "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"]})
         tok.chat_template = template
         model.generation_config.eos_token_id = tok.eos_token_id
@@ -180,13 +182,14 @@ def test_nothing_is_sampled_past_the_tokenizer(real):
         return logits
 
     handle = model.get_output_embeddings().register_forward_hook(boost)
-    try:
+    try:  # through rollout, as grpo.py, sft.py and reject_sample.py sample
         prompt = common.encode_prompt(QUESTION, tok, "chat")
-        out = sampling.sample(model, [prompt], 4, 16, [], tok.pad_token_id, 1.0, 1.0,
-                              torch.Generator().manual_seed(0), vocab=len(tok))
+        rows = sampling.rollout(model, tok, [{"prompt": QUESTION}], [prompt], 4, 16, 1.0, 1.0, [],
+                                R.parse_rewards("format"), torch.Generator().manual_seed(0), {})
     finally:
         handle.remove()
-    assert out["ids"].shape == (4, 16) and int(out["ids"].max()) < len(tok)
+    assert [len(r["completion"]) for r in rows] == [16] * 4
+    assert max(max(r["completion"]) for r in rows) < len(tok)
 
 
 def test_training_log_probs_leave_out_the_padded_rows(real):
@@ -247,7 +250,7 @@ def test_sft_trains_the_completion_and_the_end_of_turn_token(real):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama3.2", "qwen2.5"])
-def test_grpo_sft_and_rejection_sampling_run(family, tmp_path):
+def test_grpo_sft_and_rejection_sampling_run(family, tmp_path, monkeypatch):
     import grpo
     import reject_sample
     import sft
@@ -262,11 +265,15 @@ def test_grpo_sft_and_rejection_sampling_run(family, tmp_path):
             f.write(json.dumps({"prompt": f"What is {a} + 2?", "answer": str(a + 2),
                                 "completion": f"<think>{a} + 2 = {a + 2}</think><answer>{a + 2}</answer>"}) + "\n")
     common_flags = ["--model", folder, "--data", str(data), "--device", "cpu", "--template", "chat"]
+    vocabs = []  # what grpo.py's log-probs are taken over
+    logprobs = grpo.completion_logprobs
+    monkeypatch.setattr(grpo, "completion_logprobs", lambda *a, **k: vocabs.append(k.get("vocab")) or logprobs(*a, **k))
     sft.main(common_flags + ["--out", str(tmp_path / "sft"), "--num-steps", "2", "--batch-size", "4",
                              "--micro-batch-size", "2"])
     history = grpo.main(common_flags + ["--out", str(tmp_path / "rl"), "--num-steps", "2", "--prompts-per-step",
                                         "2", "--group", "4", "--max-new-tokens", "8", "--sample-every", "0"])
-    assert [h["step"] for h in history] == [1, 2] and all(h["kl"] == 0 for h in history[:1])
+    assert [h["step"] for h in history] == [1, 2] and history[0]["kl"] == 0
+    assert vocabs and set(vocabs) == {len(AutoTokenizer.from_pretrained(folder))}  # the reference's and the policy's
     report = reject_sample.main(common_flags + ["--out", str(tmp_path / "kept.jsonl"), "--num-samples", "2",
                                                 "--max-new-tokens", "8"])
     assert (report["prompts"], report["samples"]) == (4, 8) and 0 < report["len"] <= 8

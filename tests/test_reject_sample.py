@@ -55,6 +55,8 @@ def test_majority_vote_groups_equal_values_and_breaks_ties_by_first_seen():
     # 1/2, 0.5 and \frac{1}{2} are one answer with 3 votes; 3 has 2; no answer does not vote
     assert RS.majority_vote(["3", "1/2", "0.5", None, "3", "\\frac{1}{2}"], "0.5") == ("1/2", True)
     assert RS.majority_vote(["3", "4", "4", "3"], "4") == ("3", False)  # 2 against 2: 3 came first
+    # a computation left undone is not in the group of its value, whichever comes first
+    assert RS.majority_vote(["76+36", "112", "112"], "112") == ("112", True)
     assert RS.majority_vote(["7", "  7 ", "x", "y"], "7") == ("7", True)  # whitespace is not a new answer
     assert RS.majority_vote([None, None], "1") == (None, False)
 

@@ -64,5 +64,8 @@ def test_quick_run_on_a_tiny_chat_model(tiny_dir, tmp_path):
         assert card[name] == json.load(open(out / "eval" / f"{name}.report.json"))
         assert card[name]["prompts"] == 4 and card[name]["samples"] == 8
     md = open(out / "card.md").read()
+    probes = [json.load(open(out / "eval" / f"probe-{name}.json")) for name in ["before", "after"]]
+    assert card["probe"] == {"before": probes[0]["right"], "after": probes[1]["right"]}
+    assert all(p["questions"] == 4 and p["right"] in (0, 0.25, 0.5, 0.75, 1) for p in probes)
     assert "quick smoke test" in md and md.count("- step ") == 8  # 4 samples at the first and the last step
     assert [r["step"] for r in run.curves(out / "grpo")] == [1, 2]

@@ -3,9 +3,10 @@ dev.jsonl and test.jsonl, no question in two of them (a + b and b + a count as o
 
     python data/smollm2/prepare.py                 # 2000 train, 100 dev, 200 test; seed 0
 
-Records are {"prompt": "What is 47 + 85?", "answer": "132"}. SmolLM2-135M-Instruct gets about
-one in five right at temperature 0.6 (and one in two of four tries): the skill is there, but
-unreliable, which is what RL can sharpen. Settings are chosen on dev; test is read once.
+Records are {"prompt": "What is 47 + 85?", "answer": "132"}. SmolLM2-135M-Instruct (its
+4-bit GGUF file) gets about one in ten right at temperature 0.6, and three in ten questions
+in four tries (docs/smollm2.md): the skill is there, but unreliable, which is what RL can
+sharpen. Settings are chosen on dev; test is read once.
 """
 
 import argparse

