@@ -92,7 +92,8 @@ def main():
         # documented as no security boundary, so one layer of several; but it sees every
         # open, spawn and socket of the interpreter, even without root or Landlock
         sys.addaudithook(make_hook(tmp, job["ro"] + sys.path))
-    g = {"__name__": "__main__" if job["fn_name"] is None else "solution", "__builtins__": __builtins__}
+    g = {"__name__": "__main__" if job["fn_name"] is None else "solution", "__builtins__": __builtins__,
+         "exit": sys.exit, "quit": sys.exit}  # what site (left out by -S) defines: exit() ends with code 0
     out, dumps, exit_now = sys.stdout, json.dumps, os._exit  # held: the program may replace them
     exec(compile(src, "main.py", "exec"), g)
     if job["fn_name"] is not None:

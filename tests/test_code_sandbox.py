@@ -86,6 +86,15 @@ def test_prefix_and_extra_lines_fail_trailing_whitespace_does_not():
     assert S.code_reward(fence("print('1   '); print('2\\t\\r'); print(); print()"), tests, timeout=2) == 1.0
 
 
+def test_exit_and_quit_end_a_right_program_as_a_shell_sees_it():
+    # competitive programs often end with exit(); python -S has no site, which defines it
+    right = "a, b = map(int, input().split())\nprint(a + b)\n"
+    for end in ["exit()", "quit()", "exit(0)", "import sys\nsys.exit(0)", "raise SystemExit"]:
+        assert S.code_reward(fence(right + end), ADD, timeout=2) == 1.0, end
+    for end in ["exit(1)", "quit(3)", "import sys\nsys.exit('bad')"]:  # a non-zero exit code fails
+        assert S.code_reward(fence(right + end), ADD, timeout=2) == 0.0, end
+
+
 def test_crash_after_right_output_fails():
     assert S.code_reward(fence("print(3)\nraise ValueError"), ADD[:1], timeout=2) == 0.0
 
