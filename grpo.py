@@ -75,9 +75,8 @@ def get_args(argv=None):
                    help="compute dtype (weights and optimizer stay float32); auto = bfloat16 on CUDA, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--sample-dtype", default="same", choices=["same", "bfloat16"],
-                   help="same: sample with the trained weights (under --dtype); bfloat16: from a bfloat16 copy "
-                        "refreshed every step (faster where the CPU has bf16 units or on a GPU; one more copy of "
-                        "the weights)")
+                   help="same: sample with the trained weights (under --dtype); bfloat16: from a bfloat16 copy, "
+                        "refreshed after every update (faster on a GPU or a CPU with bf16 units; one more copy)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train LoRA adapters of this rank on every linear layer instead of all weights; 0 = off (needs peft)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator: adapters are scaled by alpha / rank")
@@ -162,9 +161,8 @@ def get_args(argv=None):
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--fsdp shards the model over the processes of torchrun: run under torchrun --nproc_per_node N >= 2")
     if args.fsdp and (args.lora_rank or args.dynamic_sampling or args.sample_dtype != "same"):
-        p.error("--fsdp with --lora-rank, --dynamic-sampling or --sample-dtype bfloat16 is not supported (with "
-                "--dynamic-sampling the processes would run different numbers of forward passes, which FSDP's gathers "
-                "cannot; a whole bfloat16 copy would undo the sharding)")
+        p.error("--fsdp with --lora-rank, --dynamic-sampling or --sample-dtype bfloat16 is not supported (the "
+                "processes would run different numbers of forward passes; a whole bfloat16 copy undoes the sharding)")
     if (args.eval_every or args.eval_prompts) and not args.eval_data:
         p.error("--eval-every and --eval-prompts need --eval-data")
     try:
@@ -453,20 +451,14 @@ def train(args):
     flags = vars(args)
     log, finish = common.open_run(args.out, flags, args.wandb_project, rank=rank)
 
-    copy_bf16 = None
-
-    def sampler():  # the policy that samples: the model, or its bfloat16 copy with the current weights
-        nonlocal copy_bf16
-        if args.sample_dtype == "same":
-            return model
-        copy_bf16 = sampling.low_precision_copy(model, torch.bfloat16, copy_bf16)
-        return copy_bf16
+    # the policy that samples: the model itself, or a bfloat16 copy refreshed after every update
+    sampler = sampling.low_precision_copy(model, torch.bfloat16) if args.sample_dtype == "bfloat16" else model
 
     def run_eval(step):  # on process 0 only, the others going on; under FSDP every process takes part
         if rank and not args.fsdp:
             return
         with amp():
-            ev = sampling.evaluate(sampler(), tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
+            ev = sampling.evaluate(sampler, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
                                    args.max_new_tokens, args.eval_temperature, args.eval_top_p,
                                    args.prompts_per_step, defaults, common.print0)
         log(step, {"step": step, **ev})
@@ -496,7 +488,7 @@ def train(args):
             if len(batch) == Pr * G:
                 continue  # this process is full; the data order still moves on with the others'
             with amp():
-                rows = sampling.rollout(sampler(), tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
+                rows = sampling.rollout(sampler, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
                                         args.max_new_tokens, args.temperature, args.top_p,
                                         [] if args.ignore_eos else eos, rewards, generator, defaults,
                                         warn=common.print0, timings=timings)  # (Pr * G,) prompt-major
@@ -565,6 +557,8 @@ def train(args):
                 n_tok_logged += n_tok
             gnorm = common.optimizer_step(model, opt, args.grad_clip, step)  # summed over processes, clipped
             skipped = skipped or not math.isfinite(gnorm)
+        if sampler is not model:  # the next rollout samples from the weights just updated
+            sampling.low_precision_copy(model, torch.bfloat16, sampler)
         *totals, n_tok_logged, n_sampled = common.all_sum(
             [*sums.values(), n_tok_logged, sum(len(r["completion"]) for r in sampled)], device)
         for k, total in zip(sums, totals):  # None (null in the jsonl) when nothing was updated: no tokens, no ratio

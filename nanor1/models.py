@@ -130,11 +130,13 @@ def dense_weights(gguf):
     """from_pretrained's arguments for plain float weights from a GGUF file: transformers 5
     keeps them packed in their 4-bit blocks where the `kernels` package has a matmul for
     them, and packed weights cannot be trained. Older transformers always unpack them."""
+    if not gguf:
+        return {}
     try:
         from transformers import GgufConfig
     except ImportError:
         return {}
-    return {"quantization_config": GgufConfig(dequantize=True)} if gguf else {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def load_for_training(name, device, resumed=None, lora_rank=0, lora_alpha=32.0):

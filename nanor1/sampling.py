@@ -115,6 +115,7 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
     model.train(was_training)
     return {"ids": ids[:, :t + 1], "mask": mask[:, :t + 1], "truncated": ~done}  # (N, T'): T' the longest
 
+
 def low_precision_copy(model, dtype, copy=None):
     """`model` with its weights in `dtype`, to sample from: made on the first call, its weights
     refreshed in place on the next (-> the copy). Decoding a token reads every weight, so
@@ -122,12 +123,9 @@ def low_precision_copy(model, dtype, copy=None):
     keeps float32 weights for the update. Buffers (rotary frequencies) stay float32. The
     copy's distribution differs from the model's by bf16's rounding; the log-probs of the
     update are the model's own."""
-    if copy is None:
-        copy = deepcopy(model).eval()
-        for p in copy.parameters():
-            p.requires_grad_(False)
-            p.data = p.data.to(dtype)
-        return copy
+    if copy is None:  # each weight copied straight to `dtype` (no float32 copy first); tied ones stay tied
+        low = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+        return deepcopy(model, memo=low).eval()
     with torch.no_grad():
         for c, p in zip(copy.parameters(), model.parameters()):
             c.copy_(p)

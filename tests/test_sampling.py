@@ -151,6 +151,7 @@ def test_low_precision_copy_holds_the_rounded_weights_and_follows_the_model(shar
     for name, p in low.named_parameters():
         assert p.dtype == torch.bfloat16 and not p.requires_grad
         assert torch.equal(p, weights[name].detach().to(torch.bfloat16))
+    assert low.get_output_embeddings().weight is low.get_input_embeddings().weight  # still tied, as in the model
     for name, b in low.named_buffers():  # the rotary frequencies stay exact
         assert b.dtype == dict(model.named_buffers())[name].dtype
     with torch.no_grad():  # an update of the model reaches the copy on the next call, in place

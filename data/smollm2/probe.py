@@ -43,7 +43,7 @@ def main(argv=None):
         model, tok = models.load_model(args.model)
     except common.UserError as e:
         sys.exit(f"error: {e}")
-    # the chat prompt, then the answer's start as the model's own text: "47 + 85 = "
+    # the chat prompt, then the answer's start as the model's own text: "47 + 85 ="
     start = [tok(f"{a} + {b} =", add_special_tokens=False)["input_ids"] for a, b, _ in pairs]
     prompts = [common.encode_prompt(r["prompt"], tok, "chat") + ids for r, ids in zip(rows, start)]
     right = 0

@@ -18,7 +18,7 @@ Each stage is one command of the project, printed before it runs, its log under 
 The evaluation is R1's protocol (temperature 0.6, top-p 0.95, 4 samples a question, pass@1)
 with the weights in bfloat16, as GRPO samples them here (--sample-dtype bfloat16), before
 and after alike. The card is printed and written to OUT/card.md, OUT/card.json and, with
-matplotlib, OUT/card.png (reward, accuracy, format and length over the steps, and the
+matplotlib, OUT/card.png (reward, format, truncation and length over the steps, and the
 held-out bars); OUT/card.md also shows what the model wrote at the first and the last
 training step.
 
