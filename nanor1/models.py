@@ -1,16 +1,19 @@
 """Where a model comes from: a local folder, a hub id or a short name; a tiny offline one; LoRA.
 
-load_model tries the names a model may have and says in one error what it tried. The tiny
-model and its byte-level BPE tokenizer are built on the spot, offline, for the tests and
-the miniature. add_lora wraps a model in peft's adapters (optional, imported only then).
+load_model tells a local path from a hub id by its form alone, loads a run folder's newest
+checkpoint, asks the hub once and briefly after the local cache, and says in one error line
+where it looked. The tiny model and its byte-level BPE tokenizer are built on the spot,
+offline, for the tests and the miniature. add_lora wraps a model in peft's adapters
+(optional, imported only then).
 """
 
 import importlib
 import os
+import re
 
 import torch
 
-from nanor1.common import UserError
+from nanor1.common import UserError, print0
 
 # ----------------------------------------------------------------------------------------
 # loading models: a local folder, a hub id ("Qwen/Qwen2.5-0.5B") or a short name
@@ -26,12 +29,24 @@ HUB_ORGS = [
 ]
 
 
+# how long the one look at the hub waits for an answer, in seconds (it never retries)
+HUB_TIMEOUT = 5
+
+# a run's checkpoint folders, as checkpoints.py names them (step-000040)
+STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
 def model_candidates(name):
-    """Where a model name may live, in the order they are tried: [(kind, where), ...]."""
+    """Where a model name lives -> [(kind, where)]: "GGUF file", "local folder" or "hub id".
+
+    A name is a local path, never a hub id, when it exists, starts with ".", "/" or "~", holds
+    more than one "/" (hub ids are org/name), or its first part is a folder here ("out/x" when
+    ./out exists): a mistyped path then fails at once instead of being looked up on the hub.
+    """
     path = os.path.expanduser(name)
     if name.lower().endswith(".gguf") and not os.path.isdir(path):
         return [("GGUF file", path if os.path.exists(path) else packaged_file(name) or path)]
-    if os.path.exists(path) or name.startswith((".", "/", "~")):
+    if is_local_path(name):
         return [("local folder", path)]
     if "/" in name:
         return [("hub id", name)]
@@ -41,48 +56,158 @@ def model_candidates(name):
     return [("hub id", name)]  # an id without an organisation, like "gpt2"
 
 
-def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=True):
-    """Load (model, tokenizer) from a local folder, a hub id or a short name.
+def is_local_path(name):
+    """Whether `name` can only be a local path (the rules in model_candidates' docstring)."""
+    return (os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
 
-    Raises UserError saying everything that was tried when nothing loads: offline, the hub
-    client's own stack trace would hide the one fact that matters (the name was not found).
+
+def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=True):
+    """Load (model, tokenizer) from a local folder (a run folder: its newest checkpoint), a GGUF
+    file, a hub id or a short name. Raises UserError with one line when nothing loads: the hub
+    client's own stack trace would hide the one fact that matters (where the name was looked for).
     """
+    kind, where = model_candidates(name)[0]
+    if kind == "local folder":  # checked before the slow imports: a mistyped path fails at once
+        where = local_folder(f"model '{name}'", name, where, ["config.json", "adapter_config.json"])
+    where, gguf = gguf_file(name, kind, where)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    tried = []
-    for kind, where in model_candidates(name):
-        if kind == "local folder" and not os.path.isdir(where):
-            tried.append(f"{kind} '{where}' (" + ("a file, not a folder; a GGUF file's name ends in .gguf"
-                                                  if os.path.isfile(where) else "does not exist") + ")")
-            continue
-        where, gguf = gguf_file(name, kind, where)
-        # the local cache first (instant, and it works offline), then the hub, which retries
-        for local_only in [True] if offline or kind != "hub id" else [True, False]:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local_only,
-                                                             **gguf, **dense_weights(gguf))
-                tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only, **gguf) if tokenizer else None
-            except Exception as e:  # the hub client raises many types; all mean "not here"
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                continue
-            if gguf:  # dequantised on loading: a plain float model, saved as one (transformers would refuse)
-                model.hf_quantizer = None
-                model.config.__dict__.pop("quantization_config", None)
-            if tok is not None and tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
-            rows = model.get_output_embeddings().weight.shape[0]
-            if tok is not None and rows < len(tok):  # more rows is fine: padding some families add
-                raise UserError(f"model '{name}' predicts {rows} tokens but its tokenizer has {len(tok)}")
-            for m in model.modules():  # RL compares log-probs of the same weights: dropout would add noise
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = 0.0
-            return model.to(device), tok
-        tried.append(f"{kind} '{where}' ({reason[:200]})")
-    hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline else ""
-    raise UserError(f"could not load model '{name}'{hint}; tried: " + "; ".join(tried))
+
+    def load(source, local_only):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only,
+                                                     **gguf, **dense_weights(gguf))
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **gguf) if tokenizer else None
+        return model, tok
+
+    model, tok = fetch(f"model '{name}'", kind, where, load)
+    if gguf:  # dequantised on loading: a plain float model, saved as one (transformers would refuse)
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    if tok is not None and tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # base Llama tokenizers ship without a pad token
+    rows = model.get_output_embeddings().weight.shape[0]
+    if tok is not None and rows < len(tok):  # more rows is fine: padding some families add
+        raise UserError(f"model '{name}' predicts {rows} tokens but its tokenizer has {len(tok)}")
+    for m in model.modules():  # RL compares log-probs of the same weights: dropout would add noise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.to(device), tok
+
+
+def local_folder(what, name, path, marks):
+    """The folder to load for the local path `path`: itself when it holds one of the files
+    `marks` or a .gguf file, or a run folder's newest complete step-NNNNNN checkpoint."""
+    if not os.path.exists(path):
+        raise UserError(f"could not load {what}: {path} does not exist{why_local(name)}{close_name(path)}")
+    if not os.path.isdir(path):
+        raise UserError(f"could not load {what}: {path} is a file, not a folder; a GGUF file's name ends in .gguf")
+    files = os.listdir(path)
+    if any(f in marks or f.lower().endswith(".gguf") for f in files):
+        return path
+    # a run folder: the newest checkpoint with a config.json; a newer one without was cut short
+    steps = sorted((int(m[1]), f) for f in files
+                   if (m := STEP_FOLDER.fullmatch(f)) and os.path.isdir(os.path.join(path, f)))
+    done = [(n, f) for n, f in steps if os.path.isfile(os.path.join(path, f, "config.json"))]
+    if not done:
+        lacks = " and its step folders no config.json" if steps else ", no .gguf file and no step-NNNNNN folders"
+        raise UserError(f"could not load {what}: the folder {path} holds no {' or '.join(marks)}{lacks}")
+    newest = os.path.join(path, done[-1][1])
+    cut = [f for n, f in steps if n > done[-1][0]]
+    print0(f"{name}: a run folder; loading its newest checkpoint {newest}"
+           + (f" ({', '.join(cut)} skipped: no config.json)" if cut else ""))
+    return newest
+
+
+def why_local(name):
+    """Why a name that looks like a hub id (org/name) was taken for a local path, or ""."""
+    first = name.split("/")[0]
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and os.path.isdir(first):
+        return f" (taken as a local path, not a hub id, since ./{first} is a folder here)"
+    return ""
+
+
+def close_name(path):
+    """" (did you mean X?)" for a name in the same folder close to a mistyped one, or ""."""
+    import difflib
+
+    parent, base = os.path.split(path.rstrip("/"))
+    if not os.path.isdir(parent or "."):
+        return ""
+    near = difflib.get_close_matches(base, os.listdir(parent or "."), n=1)
+    return f" (did you mean {os.path.join(parent, near[0])}?)" if near else ""
+
+
+def offline():
+    """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1): the local cache alone, never the hub."""
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def fetch(what, kind, where, load):
+    """load(source, local_only) -> what it returns. A local path is loaded as it is; a hub id
+    from its folder in the local cache first (a plain folder: no look-up on the hub at all, which
+    transformers still makes for a peft adapter), then from the hub, if a first quick look finds
+    it answering: the hub client would otherwise retry each file for over 20 s."""
+    if kind != "hub id":
+        try:
+            return load(where, True)
+        except Exception as e:  # transformers raises many types; all mean "not a model here"
+            raise UserError(f"could not load {what}; tried: {kind} '{where}' ({first_line(e)[:200]})") from None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(where)
+    except HFValidationError as e:
+        raise UserError(f"could not load {what}: not a local path, and '{where}' is not a valid hub id "
+                        f"({first_line(e)})") from None
+    try:
+        return load(snapshot_download(where, local_files_only=True), True)
+    except Exception as e:  # the hub client raises many types; all mean "not here"
+        reason = first_line(e)
+    if not offline():
+        down = hub_unreachable()
+        if down:
+            from huggingface_hub import constants
+
+            raise UserError(f"could not load {what}: hub id '{where}' is not in the local cache and the hub "
+                            f"({constants.ENDPOINT}) could not be reached ({down[:200]}); "
+                            "set HF_HUB_OFFLINE=1 to skip the hub when offline")
+        try:
+            return load(where, False)
+        except Exception as e:
+            reason = first_line(e)
+    hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline() else ""
+    raise UserError(f"could not load {what}{hint}; tried: {kind} '{where}' ({reason[:200]})")
+
+
+def hub_unreachable():
+    """Why the hub cannot be reached, or None: one TCP connection to its endpoint (HF_ENDPOINT)
+    with a short timeout, no retries (the hub client retries each file for over 20 s). Behind a
+    proxy (HTTPS_PROXY, ALL_PROXY) the hub client knows the way: None, and it is asked directly."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_TIMEOUT).close()
+    except OSError as e:
+        return first_line(e)
+    return None
+
+
+def first_line(e):
+    """An exception's first line (the hub client's messages run to many), or its type's name."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def packaged_file(name):
@@ -151,13 +276,17 @@ def load_for_training(name, device, resumed=None, lora_rank=0, lora_alpha=32.0):
 
 
 def load_tokenizer(name):
-    """A tokenizer alone (sft.py --init scratch --tokenizer), from a folder or the hub cache."""
+    """A tokenizer alone (sft.py --init scratch --tokenizer): from a folder (a run folder: its
+    newest checkpoint), a hub id or a short name, looked for as load_model looks for a model."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-    except Exception as e:  # the hub client raises many types; all mean "not here"
-        raise UserError(f"--tokenizer {name}: could not load a tokenizer ({str(e).strip()[:200]})") from None
+    kind, where = model_candidates(name)[0]
+    if kind == "local folder":
+        where = local_folder(f"tokenizer '{name}'", name, where,
+                             ["tokenizer_config.json", "tokenizer.json", "config.json"])
+    where, gguf = gguf_file(name, kind, where)
+    tok = fetch(f"tokenizer '{name}'", kind, where,
+                lambda source, local_only: AutoTokenizer.from_pretrained(source, local_files_only=local_only, **gguf))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:

@@ -1,7 +1,10 @@
-"""Where models come from: the tiny offline model and tokenizer, short names, local folders, GGUF files."""
+"""Where models come from: the tiny offline model and tokenizer, short names, local paths and run
+folders, the hub (never really reached: the network is faked), GGUF files."""
 
 import os
+import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -53,6 +56,7 @@ def test_unknown_model_is_one_clear_error(tmp_path):
         models.load_model("Qwen2.5-does-not-exist")
     msg = str(e.value)
     assert "Qwen2.5-does-not-exist" in msg and "Qwen/Qwen2.5-does-not-exist" in msg and "tried" in msg
+    assert "HF_HUB_OFFLINE=1: only the local cache was searched" in msg  # the tests run offline
     with pytest.raises(common.UserError, match="does not exist"):
         models.load_model(str(tmp_path / "missing-folder"))
 
@@ -77,6 +81,129 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tiny_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path / "short")
     with pytest.raises(common.UserError, match=f"predicts {rows} tokens but its tokenizer has {rows + 3}"):
         models.load_model(str(tmp_path / "short"))
+
+
+# ------------------------------------------------------------------------- local paths and run folders
+
+@pytest.mark.parametrize("name, kind", [
+    ("out", "local folder"),                # exists
+    ("out/nonexistent", "local folder"),    # its first part is a folder here
+    ("./x", "local folder"), ("../x", "local folder"), ("/no/such/x", "local folder"), ("~/x", "local folder"),
+    ("a/b/c", "local folder"),              # hub ids have one "/"
+    ("Qwen/Qwen2.5-0.5B", "hub id"), ("nodir/x", "hub id"), ("Qwen2.5-0.5B", "hub id"), ("gpt2", "hub id"),
+    ("out/x.gguf", "GGUF file"),
+])
+def test_which_names_are_local_paths(tmp_path, monkeypatch, name, kind):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert models.model_candidates(name)[0][0] == kind
+
+
+def no_network(monkeypatch):
+    """As if online (HF_HUB_OFFLINE unset) on a machine whose name look-ups fail, as they do
+    offline -> the list of hosts looked up. Nothing can reach the network."""
+    import huggingface_hub
+
+    for var in ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read when it was imported
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+def test_a_mistyped_local_path_fails_at_once_naming_it(tmp_path, monkeypatch):
+    looked_up = no_network(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "tiny").mkdir(parents=True)
+    for name, load in [("out/nonexistent", models.load_model), ("out/tiyn", models.load_tokenizer)]:
+        start = time.time()
+        with pytest.raises(common.UserError) as e:
+            load(name)
+        assert time.time() - start < 2  # no look-up on the hub, which takes over a minute offline
+        msg = str(e.value)
+        assert f"{name} does not exist" in msg and "./out is a folder here" in msg and "\n" not in msg
+    assert "did you mean out/tiny?" in msg
+    assert looked_up == []
+
+
+def test_a_run_folder_loads_its_newest_checkpoint(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    for step, seed in [(1, 1), (2, 2)]:
+        models.build_tiny_model(str(run / f"step-{step:06d}"), seed=seed, tokenizer_dir=tiny_dir)
+    (run / "step-000003").mkdir()  # cut short before its model was written: skipped, and said so
+    (run / ".tmp-step-000004").mkdir()  # a checkpoint being written: not a step
+    (run / "metrics.jsonl").write_text("")
+    model, tok = models.load_model(str(run))
+    out = capsys.readouterr().out
+    assert f"a run folder; loading its newest checkpoint {run / 'step-000002'} (step-000003 skipped" in out
+    newest = AutoModelForCausalLM.from_pretrained(run / "step-000002")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), newest.parameters()))
+    assert len(models.load_tokenizer(str(run))) == len(tok)
+    (tmp_path / "empty" / "step-000001").mkdir(parents=True)
+    with pytest.raises(common.UserError, match="holds no config.json or adapter_config.json and its step folders no"):
+        models.load_model(str(tmp_path / "empty"))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(common.UserError, match="holds no config.json .*, no .gguf file and no step-NNNNNN folders"):
+        models.load_model(str(tmp_path / "other"))
+
+
+# ------------------------------------------------------------------------- the hub
+
+
+def test_an_unreachable_hub_is_one_quick_line(monkeypatch, capsys, caplog):
+    looked_up = no_network(monkeypatch)
+    start = time.time()
+    with pytest.raises(common.UserError) as e:
+        models.load_model("Qwen2.5-does-not-exist")
+    assert time.time() - start < 5  # the hub client alone would retry for over a minute
+    msg = str(e.value)
+    assert "'Qwen2.5-does-not-exist'" in msg and "'Qwen/Qwen2.5-does-not-exist' is not in the local cache" in msg
+    assert "could not be reached" in msg and "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
+    assert len(looked_up) == 1  # one attempt, no retries
+    seen = capsys.readouterr()
+    assert "Retry" not in seen.out + seen.err + caplog.text
+
+
+def test_a_hub_model_in_the_local_cache_loads_without_the_network(tiny_dir, tmp_path, monkeypatch):
+    """The cache's folder is loaded as a plain folder: no name is looked up, not even the peft
+    adapter's, which transformers looks for on the hub even when told local_files_only."""
+    import shutil
+
+    import huggingface_hub
+
+    looked_up = no_network(monkeypatch)
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B"  # the cache's layout: refs/main -> snapshots/<commit>
+    shutil.copytree(tiny_dir, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, tok = models.load_model("Qwen2.5-0.5B")
+    assert looked_up == [] and len(tok) == len(models.load_tokenizer(tiny_dir))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), models.load_model(tiny_dir)[0].parameters()))
+
+
+def test_the_hub_is_reachable_when_it_answers_or_behind_a_proxy(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def connect(address, timeout):  # the hub's endpoint answers (no data is sent)
+        calls.append((address, timeout))
+        return socket.socket()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example.org")
+    assert models.hub_unreachable() is None and calls == [(("hub.example.org", 443), models.HUB_TIMEOUT)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy knows the way: no direct connection
+    assert models.hub_unreachable() is None and len(calls) == 1
+    with pytest.raises(common.UserError, match="'my model' is not a valid hub id"):
+        models.load_model("my model")
 
 
 # ------------------------------------------------------------------------- GGUF files
