@@ -43,6 +43,15 @@ def left_pad(seqs, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
+@functools.cache
+def cache_name():
+    """The KV cache's name, as the model's argument and its output's field: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name still works there, with a deprecation warning, until 5.40)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
            generator=None, vocab=None):
     """Sample `group` completions for each prompt (lists of token ids), prompt-major order.
@@ -69,12 +78,12 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
         pos = prompt_mask.cumsum(-1) - 1  # positions ignore the left padding
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                     position_ids=pos.clamp(min=0), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = getattr(out, cache_name())
         cache.batch_repeat_interleave(group)  # (P, ...) -> (P*G, ...): the prompt is encoded once
         layers = getattr(cache, "layers", [])
         plain = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)  # full attention
         for layer in layers:  # plain layers get room for the completion
-            if type(layer).__name__ == "DynamicLayer" and layer.is_initialized:
+            if type(layer).__name__ == "DynamicLayer" and layer.keys is not None:  # None: a layer with no cache
                 layer.__class__, layer.end = roomy_layer(), layer.keys.shape[-2] + max_new_tokens
         logits = out.logits[:, -1].repeat_interleave(group, dim=0)  # (n, V), n rows still in the batch
         N, Lp = logits.shape[0], prompt_ids.shape[1]
@@ -110,8 +119,8 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
                 cache.batch_select_indices(keep)
                 rows, tok, attn, next_pos = rows[keep], tok[keep], attn[keep], next_pos[keep]
             out = model(input_ids=tok[:, None], attention_mask=attn[..., :Lp + t + 1], position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+                        use_cache=True, **{cache_name(): cache})
+            cache, logits, next_pos = getattr(out, cache_name()), out.logits[:, -1], next_pos + 1
     model.train(was_training)
     return {"ids": ids[:, :t + 1], "mask": mask[:, :t + 1], "truncated": ~done}  # (N, T'): T' the longest
 

@@ -1,6 +1,6 @@
 """The sampling engine: batched sampling equal to one prompt at a time, masks and truncation,
 seeds and top-p, tokens drawn with their probabilities, finished rows leaving the batch,
-and the KV-cached loop equal to decoding without a cache."""
+the KV-cached loop equal to decoding without a cache, and no deprecation warning from transformers."""
 
 import pytest
 import torch
@@ -132,6 +132,30 @@ def test_sampling_equals_decoding_without_a_cache(tiny, attention, window):
         want = seq[len(prompt):]
         for g in range(2):
             assert out["ids"][2 * p + g, :len(want)].tolist() == want
+
+
+def test_sampling_passes_the_cache_under_its_current_name(sharp, caplog, monkeypatch):
+    """No deprecation warning from transformers (the KV cache goes in and comes out under the name
+    the installed version documents: `cache` from 5.24 on), and the tokens of decoding without a cache."""
+    import logging
+    import warnings
+
+    model, tok = sharp
+    prompts = encode(tok, ["12 + 34 =", "the answer is 7 so we get"])
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # its log lines reach caplog
+    logging.Logger.warning_once.cache_clear()  # transformers says a warning once a process: say it again here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sampling.sample(model, prompts, 2, 8, [], tok.pad_token_id, temperature=0)
+    said = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    said += caplog.messages  # transformers' own log lines ("[transformers] ... deprecated")
+    assert not [s for s in said if "past_key_values" in s or "cache" in s], said
+    for p, prompt in enumerate(prompts):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):  # the whole sequence through the model at every step
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert out["ids"][2 * p].tolist() == out["ids"][2 * p + 1].tolist() == seq[len(prompt):]
 
 
 def test_sample_next_top_p_keeps_the_smallest_nucleus():
