@@ -195,7 +195,8 @@ def test_card_lines():
              "len": 6.66},
             {"stage": "5 rejection sampling", "model": "kept.jsonl: 3 of 8 samples", "seconds": 2.6}]
     curves = {"zero": {"eval": [[0, 0.1], [10, 0.25]], "len": [[1, 4.0], [2, 6.5], [3, 9.0], [4, 12.0], [5, 30.2]]}}
-    assert pipe.card_lines(rows, curves, 90) == [
+    full = pipe.card_lines(rows, curves, 90)
+    assert full == [
         "| stage | model | held-out pass@1 | format | mean length | train time |",
         "|---|---|---|---|---|---|",
         "| 1 base | base/step-000010 | 0.100 | 0.013 | 6.7 | 12 s |",
@@ -205,6 +206,12 @@ def test_card_lines():
         "during each RL stage:\n",
         "- R1-Zero: pass@1 at step 0: 0.100, 10: 0.250; length at step 1: 4, 2: 6, 3: 9, 4: 12, 5: 30",
         "\nwhole pipeline, evaluations included: 1.5 min"]
+    # a --quick card says first that its numbers are a smoke test's, with the sizes it ran
+    quick = pipe.card_lines(rows, curves, 90, quick=True)
+    assert quick[0] == ("smoke test (--quick): every stage runs; on 20 prompts x 2 samples these numbers are noise, "
+                        "not a result") and quick[2:] == full
+    assert pipe.SIZES["quick"]["num_test"] == 20 and pipe.SIZES["quick"]["eval_samples"] == 2
+    assert not any("smoke" in line for line in full)
 
 
 def test_curve_reads_an_rl_stages_metrics(tmp_path):
@@ -282,6 +289,26 @@ def test_plot_writes_a_png_or_says_why_not(tmp_path):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_labels_every_bar_and_titles_a_quick_card(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", minversion="3.8")  # Figure.get_suptitle
+    import matplotlib.pyplot as plt
+
+    rows = [{"stage": "1 base", "pass@1": 0.1, "format": 0.0}, {"stage": "2 R1-Zero", "pass@1": 0.0, "format": 0.0},
+            {"stage": "4 reasoning RL", "pass@1": 0.4, "format": 0.99}]
+    curves = {"zero": {"eval": [[0, 0.1], [10, 0.3]], "len": [[1, 4.0], [2, 9.0]]}}
+    closed, close = [], plt.close
+    monkeypatch.setattr(plt, "close", closed.append)  # keep the figures to look at them
+    for quick in [False, True]:
+        assert pipe.plot(rows, curves, str(tmp_path / f"card-{quick}.png"), quick) is True
+    full, quick = closed
+    # each bar's value above it, so that a bar of height 0 still shows: pass@1 first, then format
+    labels = [t.get_text() for t in full.axes[0].texts]
+    assert labels == ["0.10", "0.00", "0.40", "0.00", "0.00", "0.99"]
+    assert full.get_suptitle() == "" and quick.get_suptitle() == pipe.SMOKE
+    for fig in [full, quick]:
+        close(fig)
+
+
 # ----------------------------------------------------------------------------------------
 # end to end: every stage, shortened
 
@@ -316,7 +343,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert [step for step, _ in card["curves"]["zero"]["eval"]] == [0, 2, 3]
     assert [step for step, _ in card["curves"]["rl2"]["len"]] == [1, 2]
     md = (out / "card.md").read_text()
-    assert md.startswith("| stage | model | held-out pass@1 |") and "whole pipeline" in md
+    assert md.startswith(pipe.SMOKE + "\n\n| stage | model | held-out pass@1 |") and "whole pipeline" in md
     assert "[pretrain] python sft.py --init scratch" in first.stdout
     # run again: nothing changed, so every stage is reused and the card is the same
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)

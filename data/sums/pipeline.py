@@ -20,7 +20,8 @@ and data stay under --out:
 Every model is then evaluated on the held-out prompts by reject_sample.py (R1's protocol:
 temperature 0.6, top-p 0.95, 4 samples per prompt), and the report card is printed
 and written to OUT/card.md, OUT/card.json and, when matplotlib is installed, OUT/card.png
-(the bars, and the RL stages' held-out pass@1 and length over their steps). To see why a
+(the bars, and the RL stages' held-out pass@1 and length over their steps); a --quick
+card says on its first line, and its picture in its title, that it is a smoke test. To see why a
 model scores what it scores, data/sums/styles.py splits its answers into worked out,
 terse and at once, each with its pass@1.
 
@@ -62,6 +63,9 @@ SIZES = {
 BASE = ["--hidden", "128", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--mlp", "512"]  # 1.0M parameters
 # the student, 0.15M parameters
 SMALL = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--mlp", "256"]
+# the first line of a --quick run's card and its picture's title: its numbers measure nothing
+SMOKE = (f"smoke test (--quick): every stage runs; on {SIZES['quick']['num_test']} prompts x "
+         f"{SIZES['quick']['eval_samples']} samples these numbers are noise, not a result")
 MAX_NEW_TOKENS = 112  # the longest expert trace (7 additions) is 102 tokens
 GUESS = 0.1  # pass@1 of guessing a digit
 
@@ -149,10 +153,11 @@ def evaluate(stages, name, model, data, out, samples, device, seed):
     return json.load(open(os.path.join(out, "eval", f"{name}.report.json")))
 
 
-def card_lines(rows, curves, total):
-    """The report card as Markdown: a table of the stages, then the RL stages' curves."""
-    lines = ["| stage | model | held-out pass@1 | format | mean length | train time |",
-             "|---|---|---|---|---|---|"]
+def card_lines(rows, curves, total, quick=False):
+    """The report card as Markdown: a table of the stages, then the RL stages' curves; a
+    --quick card says first that it is a smoke test."""
+    lines = [SMOKE, ""] if quick else []
+    lines += ["| stage | model | held-out pass@1 | format | mean length | train time |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("pass@1") is None:
             lines.append(f"| {r['stage']} | {r['model']} | | | | {r['seconds']:.0f} s |")
@@ -182,9 +187,9 @@ def write_file(path, text):
     os.replace(path + ".tmp", path)
 
 
-def plot(rows, curves, path):
+def plot(rows, curves, path, quick=False):
     """The card as a picture: pass@1 and format per stage as bars, and the RL stages' held-out
-    pass@1 and mean length over steps; False when matplotlib is missing."""
+    pass@1 and mean length over steps; titled a smoke test for --quick; False when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -194,11 +199,12 @@ def plot(rows, curves, path):
     rows = [r for r in rows if r.get("pass@1") is not None]
     x = range(len(rows))
     fig, (bars, acc, length) = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [2, 1, 1]})
-    bars.bar([i - 0.2 for i in x], [r["pass@1"] for r in rows], width=0.4, label="held-out pass@1")
-    bars.bar([i + 0.2 for i in x], [r["format"] for r in rows], width=0.4, label="format rate")
+    for shift, key, label in [(-0.2, "pass@1", "held-out pass@1"), (0.2, "format", "format rate")]:
+        container = bars.bar([i + shift for i in x], [r[key] for r in rows], width=0.4, label=label)
+        bars.bar_label(container, fmt="%.2f", fontsize=7)  # a bar of height 0 is invisible: its "0.00" is not
     bars.axhline(GUESS, color="gray", linestyle="--", linewidth=1, label="guessing a digit")
     bars.set_xticks(list(x), [r["stage"] for r in rows], rotation=25, ha="right")
-    bars.set_ylim(0, 1.05)
+    bars.set_ylim(0, 1.12)  # room for a label above a bar of 1
     bars.legend(fontsize=8)
     bars.set_title("what each stage bought")
     for name, c in curves.items():
@@ -211,6 +217,8 @@ def plot(rows, curves, path):
     length.set(title="mean completion length during RL", xlabel="RL step", ylabel="tokens")
     acc.legend(fontsize=8)
     length.legend(fontsize=8)
+    if quick:
+        fig.suptitle(SMOKE, color="darkred")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)
@@ -323,14 +331,14 @@ def main(argv=None):
                          "model": f"kept.jsonl: {kept['kept']} of {kept['samples']} samples"})
     curves = {name: curve(os.path.join(out, name)) for name in ["zero", "rl", "rl2"]}
     total = sum(stage["seconds"] for stage in stages.done.values())  # a reused stage counts its own run
-    lines = card_lines(rows, curves, total)
+    lines = card_lines(rows, curves, total, args.quick)
     print("\n".join(lines))
     write_file(os.path.join(out, "card.md"), "\n".join(lines) + "\n")
     write_file(os.path.join(out, "card.json"), json.dumps(
         {"rows": rows, "curves": curves, "minutes": total / 60, "quick": args.quick, "seed": args.seed}, indent=2))
     png = os.path.join(out, "card.png")
     print(f"wrote {os.path.join(out, 'card.md')}, {os.path.join(out, 'card.json')}" +
-          (f" and {png}" if plot(rows, curves, png) else " (no plot: matplotlib is not installed)"))
+          (f" and {png}" if plot(rows, curves, png, args.quick) else " (no plot: matplotlib is not installed)"))
 
 
 if __name__ == "__main__":
