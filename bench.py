@@ -50,8 +50,8 @@ PHASES = ["sample_s", "score_s", "ref_s", "update_s"]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.short_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     p.add_argument("--model", default="tiny",
                    help=f"a size preset with random weights ({', '.join(SIZES)}), or a model grpo.py loads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -242,10 +242,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.compare:
         return compare(args, argv)
-    try:
+    with common.user_errors("interrupted"):
         result = run_once(args)
-    except common.UserError as e:
-        sys.exit(f"error: {e}")
     if args.json:
         print(json.dumps(result))
     else:

@@ -52,7 +52,6 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import rewards as R
 from nanor1 import checkpoints, common, models, sampling
@@ -60,12 +59,12 @@ from nanor1 import checkpoints, common, models, sampling
 # flags whose change on --resume makes the run differ from an uninterrupted one (a warning names them)
 RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "warmup_steps", "grad_clip",
                   "prompts_per_step", "group", "temperature", "top_p", "rewards", "beta", "kl", "scale", "agg",
-                  "num_iterations"]
+                  "num_iterations", "lr_schedule", "min_lr_ratio"]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.short_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     # model
     p.add_argument("--model", default="Qwen2.5-0.5B", help="local folder, hub id, or short name (Qwen2.5-0.5B)")
     p.add_argument("--template", default="r1", choices=["r1", "chat", "raw"],
@@ -88,7 +87,9 @@ def get_args(argv=None):
     # sampling
     p.add_argument("--group", type=int, default=8, help="completions per prompt, G (DeepSeekMath: 64)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step; P*G completions per step")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit, tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="completion length limit, tokens; default 1024, or what the model's context leaves after the "
+                        "longest prompt when less (said)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off")
     p.add_argument("--ignore-eos", action="store_true",
@@ -116,6 +117,10 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--num-steps", type=int, default=100, help="training steps (one sampling round + updates each)")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="after the warm-up: constant (DeepSeekMath), or a linear (TRL's default) or cosine decay to "
+                        "--min-lr-ratio x --lr at the last step")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="with a decay: the last step's learning rate / --lr")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-bad-steps", type=int, default=10,
@@ -131,11 +136,14 @@ def get_args(argv=None):
     p.add_argument("--eval-top-p", type=float, default=0.95, help="eval nucleus mass (R1: 0.95)")
     # logging and output
     p.add_argument("--out", default="out/grpo", help="output folder: metrics.jsonl, samples.jsonl, checkpoints")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only at the end")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps, and at the end; 0 = only at the end")
     p.add_argument("--save-total-limit", type=int, default=0, help="keep only the newest N checkpoints; 0 = all")
+    p.add_argument("--save-optimizer", type=int, default=1, choices=[0, 1],
+                   help="0: checkpoints hold the model alone, a third of the size, and cannot be resumed exactly")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run exactly: alone, from the newest checkpoint of --out; or from the checkpoint "
                         "folder given. --model stays the reference model's starting point")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run: its files go first")
     p.add_argument("--sample-every", type=int, default=10, help="write one group's completions every N steps; 0 = never")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (wandb is optional)")
     args = p.parse_args(argv)
@@ -171,10 +179,12 @@ def get_args(argv=None):
         p.error(f"--rewards: {e}")
     if args.lang not in R.SCRIPTS:
         p.error(f"--lang: unknown language '{args.lang}' (known: {', '.join(sorted(R.SCRIPTS))})")
-    if args.overlong_buffer is None:
-        args.overlong_buffer = args.max_new_tokens // 5
-    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
+    if args.overlong_buffer is not None and not 0 <= args.overlong_buffer <= (args.max_new_tokens or 1024):
         p.error("--overlong-buffer must be between 0 and --max-new-tokens")
+    if args.resume and args.overwrite:
+        p.error("--resume goes on with the run in --out, --overwrite removes it: pick one")
+    if not 0 <= args.min_lr_ratio <= 1:
+        p.error("--min-lr-ratio must be in [0, 1]")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.prompts_per_step % world:
         p.error(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes "
@@ -319,10 +329,16 @@ def load_data(args, tok, model):
     eval examples, eval ids). Every line must carry what the rewards read ("answer", "tests")."""
     context = getattr(model.config, "max_position_embeddings", None)
     need = sorted({R.NEEDS[name] for name, _, _ in R.parse_rewards(args.rewards) if name in R.NEEDS})
-    examples, ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need)
-    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context,
-                                                   ["answer"], args.eval_prompts) if args.eval_data else ([], []))
+    examples, ids = common.load_prompts(args.data, tok, args.template, None, context, need)
+    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, None, context, ["answer"],
+                                                   args.eval_prompts) if args.eval_data else ([], []))
     common.print0(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
+    args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, examples + eval_examples,
+                                                    ids + eval_ids)
+    if args.overlong_buffer is None:
+        args.overlong_buffer = args.max_new_tokens // 5  # a fifth, as DAPO's 4096 of 20480
+    elif args.overlong_buffer > args.max_new_tokens:
+        raise common.UserError(f"--overlong-buffer {args.overlong_buffer} is more than --max-new-tokens")
     return examples, ids, eval_examples, eval_ids
 
 
@@ -415,7 +431,8 @@ def warn_about(record, args, last_warned):
 # and saves on their cadence
 
 
-def train(args):
+def train(args, stop=()):
+    # stop: non-empty once a signal asked the run to stop (common.stop_signals)
     # under torchrun each process samples its own share of the prompts; the gradients are
     # summed across processes, so every process takes the same step; only process 0 writes
     rank, world, device, dtype = common.start_run(args)
@@ -470,9 +487,8 @@ def train(args):
         checkpoints.set_rng_state(state["rng"][rank], [generator, eval_generator])
 
     clock = functools.partial(common.clock, device)
-    history, bad_steps, last_warned = [], 0, {}
-    for step in tqdm(range(start + 1, args.num_steps + 1), desc="grpo", dynamic_ncols=True,
-                     initial=start, total=args.num_steps, disable=rank > 0):
+    history, bad_steps, last_warned, stopping = [], 0, {}, False
+    for step in common.progress(range(start + 1, args.num_steps + 1), desc="grpo", initial=start, total=args.num_steps):
         t0, timings = clock(), {"sample": 0.0, "score": 0.0}
         if ref is not None and args.ref_reset_every and step > 1 and (step - 1) % args.ref_reset_every == 0:
             ref.load_state_dict(model.state_dict())  # DeepSeekMath's iterative RL: new reference
@@ -508,7 +524,7 @@ def train(args):
         # micro-batches, one optimizer step each
         sums = {"kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
         n_tok_logged, gnorm, skipped = 0, float("nan"), False
-        lr = common.lr_at(step, args.num_steps, args.lr, args.warmup_steps, 1.0)  # warm-up, then constant
+        lr = common.lr_at(step, args.num_steps, args.lr, args.warmup_steps, args.min_lr_ratio, args.lr_schedule)
         for pg in opt.param_groups:
             pg["lr"] = lr
         adv = group_advantages(torch.tensor([r["reward"] for r in batch]), G, args.scale).to(device) if batch else None
@@ -580,29 +596,33 @@ def train(args):
         if args.sample_every and step % args.sample_every == 0 and rank == 0:
             sampling.write_samples(os.path.join(args.out, "samples.jsonl"), step, sampled[:G])
 
-        # 5. evaluate and save on their cadence, and at the end
+        # 5. evaluate and save on their cadence, and at the end, or when a signal asked to stop
         last = step == args.num_steps
+        stopping = not last and common.all_sum([len(stop)], device)[0] > 0  # every process stops at one step
         if eval_examples and (last or (args.eval_every and step % args.eval_every == 0)):
             run_eval(step)
-        if (args.save_every and step % args.save_every == 0) or last:
+        if (args.save_every and step % args.save_every == 0) or last or stopping:
             # everything the next step depends on, so that a resumed run trains exactly as this one
             # (the weights, optimizer and data order are the same in every process)
-            checkpoints.save_training_checkpoint(
+            path = checkpoints.save_training_checkpoint(
                 args.out, step, model, opt, tok, flags,
                 {"data": dict(data_state),
                  "ref": common.full_state_dict(ref) if ref is not None and args.ref_reset_every else None},
-                [generator, eval_generator], args.save_total_limit, rank)
+                [generator, eval_generator], args.save_total_limit, rank, args.save_optimizer)
+        if stopping:
+            common.stopped(step, path, args.save_optimizer)
+            break
     finish()
     common.end_distributed()
+    if stopping:
+        sys.exit(130)  # not 0: whatever runs after this command must not take the run for finished
     return history
 
 
 def main(argv=None):
     args = get_args(argv)
-    try:
-        return train(args)
-    except common.UserError as e:
-        sys.exit(f"error: {e}")
+    with common.user_errors(), common.stop_signals() as stop:
+        return train(args, stop)
 
 
 if __name__ == "__main__":

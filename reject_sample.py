@@ -5,7 +5,8 @@ same rules as training (rewards.py), and only the correct ones that are well for
 one language and not too long are kept. The same sampling and scoring is R1's evaluation
 protocol (temperature 0.6, top-p 0.95, k samples per question; pass@1 is the mean
 correctness over the k, cons@k the correctness of the majority-vote answer), so with
---eval-only this script is the project's evaluator and writes nothing but its report.
+--eval-only this script is the project's evaluator and writes nothing but its report. With
+--prompt TEXT (repeatable) it only prints what the model writes after TEXT, like nanoGPT's sample.py.
 
 Files, for --out kept.jsonl:
     kept.jsonl         kept samples, ready for sft.py: prompt, completion, score, model, ...
@@ -32,6 +33,7 @@ Deliberate simplifications:
 
     python reject_sample.py --model out/grpo/step-000100 --data train.jsonl --num-samples 8 --out kept.jsonl
     python reject_sample.py --model Qwen2.5-Math-1.5B --data test.jsonl --num-samples 16 --eval-only
+    python reject_sample.py --model out/grpo/step-000100 --prompt "What is 12 + 7?" --prompt "What is 8 * 9?"
     torchrun --nproc_per_node 8 reject_sample.py --model M --data train.jsonl --num-samples 64 --out kept.jsonl
 """
 
@@ -40,7 +42,6 @@ import glob
 import json
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -63,8 +64,8 @@ RESUME_KEYS = ["model", "template", "data", "num_samples", "max_new_tokens", "te
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.short_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     # model
     p.add_argument("--model", required=True, help="local folder, hub id, or short name (Qwen2.5-0.5B)")
     p.add_argument("--template", default="r1", choices=["r1", "chat", "raw"],
@@ -73,12 +74,15 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights and compute dtype (no training here); auto = bfloat16 on CUDA, else float32")
     # data
-    p.add_argument("--data", required=True, help="prompts, jsonl with 'prompt' and what --rewards needs ('answer', 'tests')")
+    p.add_argument("--data", help="prompts, jsonl with 'prompt' and what --rewards needs ('answer', 'tests')")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="instead of --data: print what the model writes after TEXT (repeatable); nothing is written")
     p.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts; 0 = all")
     # sampling
     p.add_argument("--num-samples", type=int, default=8, help="completions per prompt, the k of pass@k and cons@k")
     p.add_argument("--prompts-per-batch", type=int, default=8, help="prompts sampled together; batch = this x --num-samples sequences")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit, tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="completion length limit, tokens; default 1024, or what the context leaves when less")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (R1: 0.6); 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (R1: 0.95), 1 = off")
     p.add_argument("--seed", type=int, default=0, help="seed; each batch is seeded by it and its first prompt's index")
@@ -127,15 +131,19 @@ def get_args(argv=None):
         p.error(f"--lang: unknown language '{args.lang}' (known: {', '.join(sorted(R.SCRIPTS))})")
     if not 0 <= args.rl_range[0] < args.rl_range[1] <= 1:
         p.error("--rl-range LO HI: expected 0 <= LO < HI <= 1")
+    if bool(args.data) == bool(args.prompt):
+        p.error("give --data FILE (prompts to sample, score and keep) or --prompt TEXT (print what the model writes)")
+    if args.prompt and (args.out or args.rl_out or args.overwrite or args.eval_only):
+        p.error("--prompt prints and writes nothing: drop --out, --rl-out, --overwrite and --eval-only")
+    if args.prompt and not all(text.strip() for text in args.prompt):
+        p.error("--prompt: a prompt is empty")
     if args.eval_only and (args.out or args.rl_out or args.overwrite):
         p.error("--eval-only writes nothing: drop --out, --rl-out and --overwrite")
-    if not args.eval_only and not args.out:
+    if not (args.eval_only or args.prompt or args.out):
         p.error("--out is required (or --eval-only to write nothing)")
-    for flag in ["out", "rl_out"]:
-        path = getattr(args, flag)
+    for flag, path in [("--out", args.out), ("--rl-out", args.rl_out)]:
         if path and os.path.isdir(path):
-            p.error(f"--{flag.replace('_', '-')} {path}: is a folder; give a file name such as "
-                    f"{os.path.join(path, 'kept.jsonl')}")
+            p.error(f"{flag} {path}: is a folder; give a file name such as {os.path.join(path, 'kept.jsonl')}")
     if args.rl_out and os.path.abspath(args.rl_out) in {os.path.abspath(f) for f in output_paths(args.out).values()}:
         p.error(f"--rl-out {args.rl_out}: is one of the files of --out {args.out}")
     return args
@@ -397,8 +405,8 @@ def check_flags(files, args):
                                "written by this script; use another --out, or --overwrite")
     with open(files["run"]) as f:
         before = json.load(f)
-    for key in RESUME_KEYS:
-        if before.get(key) != getattr(args, key):
+    for key in RESUME_KEYS:  # --max-new-tokens left out is fitted to the model and data, both checked
+        if before.get(key) != getattr(args, key) and not (key == "max_new_tokens" and args.max_new_tokens is None):
             raise common.UserError(f"--out {args.out}: written with --{key.replace('_', '-')} {before.get(key)}, "
                                    f"not {getattr(args, key)}; resume with the same flags, or use --overwrite or "
                                    "another --out")
@@ -482,11 +490,10 @@ def run(args):
 
     # model and data
     model, tok = models.load_model(args.model, device, dtype)  # no training: weights in the compute dtype
-    eos = models.eos_ids(model, tok)
-    context = getattr(model.config, "max_position_embeddings", None)
+    eos, context = models.eos_ids(model, tok), getattr(model.config, "max_position_embeddings", None)
     need = sorted({R.NEEDS[name] for name in names if name in R.NEEDS})
-    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, args.max_new_tokens, context, need,
-                                               args.max_prompts)
+    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, None, context, need, args.max_prompts)
+    args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, examples, prompt_ids)
     for ex in examples:  # checked now, not when a sample of that prompt first needs it
         if ex.get("lang") and ex["lang"] not in R.SCRIPTS:
             raise common.UserError(f"{ex['_where']}: unknown language {ex['lang']!r} (known: {', '.join(sorted(R.SCRIPTS))})")
@@ -504,8 +511,8 @@ def run(args):
     # the loop: sample a batch, score it, judge each prompt, append its lines
     warn = tqdm.write if world == 1 else lambda message: tqdm.write(f"[process {rank}] {message}")
     session = []  # pass records of the prompts this process judged in this run
-    bar = tqdm(total=len(mine), initial=sum(i in done for i in mine), desc="prompts" if world == 1 else "prompts of process 0",
-               disable=rank != 0, dynamic_ncols=True)
+    bar = common.progress(None, total=len(mine), initial=sum(i in done for i in mine),
+                          desc="prompts" if world == 1 else "prompts of process 0")
     with ThreadPoolExecutor(P) as pool:  # the majority votes of a batch's prompts wait on math workers together
         for start in range(0, len(mine), P):
             batch = mine[start:start + P]
@@ -574,12 +581,30 @@ def run(args):
     return report
 
 
+def print_samples(args):
+    """--prompt: the --num-samples completions of each prompt, printed as the model wrote them."""
+    device = common.pick_device(args.device)
+    model, tok = models.load_model(args.model, device, common.pick_dtype(args.dtype, device))
+    eos, context = models.eos_ids(model, tok), getattr(model.config, "max_position_embeddings", None)
+    prompt_ids = [common.encode_prompt(text, tok, args.template) for text in args.prompt]
+    args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, [
+        {"_where": f"--prompt {text[:60]!r}"} for text in args.prompt], prompt_ids)
+    for i, (text, ids) in enumerate(zip(args.prompt, prompt_ids)):
+        # seeded by --seed alone, so a prompt's samples do not depend on the prompts before it
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        out = sampling.sample(model, [ids], args.num_samples, args.max_new_tokens, eos, tok.pad_token_id,
+                              args.temperature, args.top_p, generator, vocab=len(tok))
+        n, cut = out["mask"].sum(1).tolist(), out["truncated"].tolist()  # n: tokens, the end token included
+        for j, row in enumerate(out["ids"].tolist()):
+            print(f"--- prompt {i + 1}, sample {j + 1}: {n[j]} tokens{', truncated' if cut[j] else ''}: {text[:60]!r}")
+            # the end token dropped; other special tokens the model wrote (a chat turn's markers) stay
+            print(tok.decode(row[:n[j] - (not cut[j])]), flush=True)
+
+
 def main(argv=None):
     args = get_args(argv)
-    try:
-        return run(args)
-    except common.UserError as e:
-        sys.exit(f"error: {e}")
+    with common.user_errors("interrupted; the same command goes on after the prompts already written"):
+        return print_samples(args) if args.prompt else run(args)
 
 
 if __name__ == "__main__":

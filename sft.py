@@ -48,7 +48,6 @@ import sys
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 from nanor1 import checkpoints, common, models, sampling
 
@@ -58,8 +57,8 @@ RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "wa
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.short_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     # model
     p.add_argument("--model", default=None, help="local folder, hub id, or short name (Qwen2.5-0.5B); not with --init scratch")
     p.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"],
@@ -117,14 +116,18 @@ def get_args(argv=None):
     p.add_argument("--eval-prompts", type=int, default=0, help="eval prompts used; 0 = all")
     p.add_argument("--eval-temperature", type=float, default=0.6, help="eval sampling temperature (R1: 0.6); 0 = greedy")
     p.add_argument("--eval-top-p", type=float, default=0.95, help="eval nucleus mass (R1: 0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="eval completion length limit, tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="eval completion length limit, tokens; default 1024, or what the context leaves when less")
     # logging and output
     p.add_argument("--out", default="out/sft", help="output folder: metrics.jsonl, args.json, checkpoints")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only at the end")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end; 0 = only at the end")
     p.add_argument("--save-total-limit", type=int, default=0, help="keep only the newest N checkpoints; 0 = all")
+    p.add_argument("--save-optimizer", type=int, default=1, choices=[0, 1],
+                   help="0: checkpoints hold the model alone, a third of the size, and cannot be resumed exactly")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run exactly: alone, from the newest checkpoint of --out; or from the checkpoint "
                         "folder given (the model comes from the checkpoint; give the run's other flags again)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run: its files go first")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (wandb is optional)")
     args = p.parse_args(argv)
 
@@ -151,6 +154,8 @@ def get_args(argv=None):
         p.error("--min-lr-ratio must be in [0, 1]")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         p.error("--warmup-steps must be 0 or more")
+    if args.resume and args.overwrite:
+        p.error("--resume goes on with the run in --out, --overwrite removes it: pick one")
     if args.kd_weight is not None and not args.teacher:
         p.error("--kd-weight needs --teacher")
     if args.teacher:
@@ -459,7 +464,8 @@ def log_line(record, num_steps, gnorm):
 # optimizer step and a log line; then evaluation and a checkpoint on their cadence
 
 
-def train(args):
+def train(args, stop=()):
+    # stop: non-empty once a signal asked the run to stop (common.stop_signals)
     # torchrun: each process takes a share of every batch, gradients are summed, process 0 writes
     rank, world, device, dtype = common.start_run(args)
 
@@ -468,8 +474,9 @@ def train(args):
     model, tok, teacher = load_models(args, device, dtype, resumed)
     vocab, context = len(tok), getattr(model.config, "max_position_embeddings", None)
     train_set, counts, val_set, val_counts = load_data(args, tok, end_token(model, tok, args.template))
-    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, args.max_new_tokens, context,
-                                                   ["answer"], args.eval_prompts) if args.eval_data else ([], []))
+    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, None, context, ["answer"],
+                                                   args.eval_prompts) if args.eval_data else ([], []))
+    args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, eval_examples, eval_ids)
     lengths = [len(ids) for ids, _ in train_set]
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     num_steps = args.num_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -521,10 +528,9 @@ def train(args):
         run_eval(0)
     if state:  # last: nothing above may draw from the random streams the next step continues
         checkpoints.set_rng_state(state["rng"][rank], [generator])
-    history, bad_steps = [], 0
+    history, bad_steps, stopping = [], 0, False
     batches, epoch = [], -1  # the data order is a function of the step: nothing to restore
-    for step in tqdm(range(start + 1, num_steps + 1), desc="sft", dynamic_ncols=True, initial=start, total=num_steps,
-                     disable=rank > 0):
+    for step in common.progress(range(start + 1, num_steps + 1), desc="sft", initial=start, total=num_steps):
         t0 = common.clock(device)
         if (step - 1) // steps_per_epoch != epoch:  # a new epoch: a new seeded order
             epoch = (step - 1) // steps_per_epoch
@@ -574,24 +580,28 @@ def train(args):
         history.append(record)
         common.stop_if_bad(bad_steps, args.max_bad_steps)
 
-        # evaluate and save on their cadence, and at the end
+        # evaluate and save on their cadence, and at the end, or when a signal asked to stop
         last = step == num_steps
+        stopping = not last and common.all_sum([len(stop)], device)[0] > 0  # every process stops at one step
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
-        if (args.save_every and step % args.save_every == 0) or last:
-            checkpoints.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
-                                                 args.save_total_limit, rank)
+        if (args.save_every and step % args.save_every == 0) or last or stopping:
+            path = checkpoints.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
+                                                        args.save_total_limit, rank, args.save_optimizer)
+        if stopping:
+            common.stopped(step, path, args.save_optimizer)
+            break
     finish()
     common.end_distributed()
+    if stopping:
+        sys.exit(130)  # not 0: whatever runs after this command must not take the run for finished
     return history
 
 
 def main(argv=None):
     args = get_args(argv)
-    try:
-        return train(args)
-    except common.UserError as e:
-        sys.exit(f"error: {e}")
+    with common.user_errors(), common.stop_signals() as stop:
+        return train(args, stop)
 
 
 if __name__ == "__main__":

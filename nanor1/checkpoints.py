@@ -125,13 +125,14 @@ def resume_from(out, resume, flags, checked):
     return path, state
 
 
-def save_training_checkpoint(out, step, model, opt, tok, flags, state, generators, keep, rank):
+def save_training_checkpoint(out, step, model, opt, tok, flags, state, generators, keep, rank, resumable=True):
     """OUT/step-NNNNNN for --resume: the model, the optimizer's state, `state` (what else the
     script must restore), every process's random streams and the flags, written by process
     0, which then keeps the newest `keep` checkpoints and says where it wrote. Every process
-    must call it (an FSDP model's shards are gathered). Returns the path (None in the others)."""
+    must call it (an FSDP model's shards are gathered). resumable False: the model and flags
+    alone (a third of the size: AdamW keeps two numbers a weight). Returns the path (None in the others)."""
     rngs = all_gather([rng_state(generators)])  # each process's own, in rank order
-    weights, optimizer = None, opt.state_dict()
+    weights, optimizer = None, opt.state_dict() if resumable else None
     if is_sharded(model):  # whole tensors, gathered to process 0's CPU
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -140,13 +141,14 @@ def save_training_checkpoint(out, step, model, opt, tok, flags, state, generator
             weights.pop(next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
         # (before the first step there is no state, and asking for it would take a step of zeros)
         optimizer = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-            if opt.state else None
+            if opt.state and resumable else None
     if rank:
         return None
     path = save_checkpoint(os.path.join(out, f"step-{step:06d}"), model, tok, flags,
-                           {**state, "optimizer": optimizer, "step": step, "rng": rngs, "flags": flags}, weights)
+                           {**state, "optimizer": optimizer, "step": step, "rng": rngs, "flags": flags}
+                           if resumable else None, weights)
     prune_checkpoints(out, keep)
-    print0(f"saved {path}")
+    print0(f"saved {path}" + ("" if resumable else " (weights only: --save-optimizer 0)"))
     return path
 
 

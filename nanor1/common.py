@@ -12,6 +12,10 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import sys
+import threading
 import time
 
 import numpy as np
@@ -27,20 +31,62 @@ class UserError(Exception):
     """Bad input from the user (a model, a file, a line, a flag); the message says which."""
 
 
+def short_errors(parser):
+    """`parser` with argparse's errors as one line, without the usage block (--help shows it),
+    and under torchrun from process 0 alone (each process parses the same flags)."""
+    def error(message):
+        exit_with(f"error: {message} (--help lists the flags)", 2)
+    parser.error = error
+    return parser
+
+
+def exit_with(message, code=1):
+    """End the process with one line on stderr, from process 0 alone (torchrun's processes all fail
+    alike). Exit code 1 is SystemExit(message), which Python prints; other codes print, then exit."""
+    if int(os.environ.get("RANK", "0")):
+        sys.exit(code)
+    if code == 1:
+        sys.exit(message)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def user_errors(interrupted="interrupted; a run goes on from its newest checkpoint with the same command plus --resume"):
+    """A script's main(): an error the user can fix as one line, no traceback (exit code 1), and
+    Ctrl-C outside a step, or a second one inside, as the line `interrupted` (exit code 130, as a shell's)."""
+    try:
+        yield
+    except UserError as e:
+        exit_with(f"error: {e}")
+    except KeyboardInterrupt:
+        exit_with(interrupted, 130)
+
+
 def check_ranges(parser, args, at_least_1=(), at_least_0=()):
-    """Stop with parser.error naming the first flag (an attribute of args) below its bound."""
+    """Stop with parser.error naming the first flag (an attribute of args) below its bound
+    (None, a default decided later, passes)."""
     for names, bound in [(at_least_1, 1), (at_least_0, 0)]:
         for name in names:
             value = getattr(args, name)
-            if value < bound:
+            if value is not None and value < bound:
                 words = f">= {bound}" if isinstance(value, float) else "at least 1" if bound else "0 or more"
                 parser.error(f"--{name.replace('_', '-')} must be {words}")
 
 
 def print0(message):
-    """Print on process 0 alone (the others stay quiet), above the progress bar when one runs."""
+    """Print on process 0 alone (the others stay quiet), above the progress bar when one runs,
+    at once (a log file that is followed with tail -f sees each line as it comes)."""
     if int(os.environ.get("RANK", "0")) == 0:
         tqdm.write(str(message))
+        sys.stdout.flush()
+
+
+def progress(iterable, **kwargs):
+    """A tqdm bar on process 0 when both output streams are a terminal; none when they go to a
+    file or a pipe (`> log`, `| tee`), where the bar's redraws would share lines with the log."""
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()
+    return tqdm(iterable, dynamic_ncols=True, disable=int(os.environ.get("RANK", "0")) > 0 or not terminal, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,12 +276,67 @@ def full_state_dict(model):
 
 def start_run(args):
     """A training run's set-up -> (rank, world, device, dtype): seeds, torchrun's process group
-    when there is one, device and compute dtype; an --out that is a file is refused."""
+    when there is one, device and compute dtype, and the output folder (claim_out)."""
     seed_everything(args.seed)
     rank, world, device = init_distributed(args.device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out}: exists and is not a folder")
+    claim_out(args.out, args.resume, args.overwrite)
     return rank, world, device, pick_dtype(args.dtype, device)
+
+
+def run_files(out):
+    """The files and folders of a run in `out` (its flags, logs and checkpoints; half-written
+    ones too); nothing else in the folder belongs to the run."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(f for f in os.listdir(out) if f in ("args.json", "metrics.jsonl", "samples.jsonl")
+                  or f.startswith(("step-", ".tmp-step-", ".old-step-")))
+
+
+def claim_out(out, resume, overwrite):
+    """--out for a run: a new run is refused a folder that holds one (its checkpoints would be
+    overwritten and its logs mixed with the new ones), unless --resume goes on with it or
+    --overwrite starts over (open_run removes the old files, once the model and data have loaded)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a folder")
+    found = run_files(out)
+    if found and not resume and not overwrite:
+        raise UserError(f"--out {out} holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
+                        "add --resume to go on with it, or --overwrite to start over (its files are removed)")
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask a run to stop at the end of the
+    step under way, with a checkpoint -> a list, empty until then. A second signal stops at once
+    (KeyboardInterrupt); one a second after the first counts as a second: one Ctrl-C reaches a
+    process twice under torchrun (from the terminal and from torchrun). The previous handlers
+    come back on leaving. (Signals reach only the main thread: elsewhere nothing is caught.)"""
+    asked = []
+
+    def ask(signum, frame):
+        if asked and time.monotonic() - asked[0] > 1.0:
+            raise KeyboardInterrupt
+        if not asked:
+            asked.append(time.monotonic())
+            print0(f"{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint "
+                   "(again to stop at once)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    before = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def stopped(step, path, resumable):
+    """The line a run that a signal stopped ends with: where its last checkpoint is, and how to go on."""
+    print0(f"stopped after step {step}; its checkpoint is {path}: " +
+           ("go on with the same command plus --resume" if resumable else
+            "the weights alone (--save-optimizer 0), so the run cannot go on exactly"))
 
 
 def seed_everything(seed):
@@ -248,9 +349,12 @@ def open_run(out, flags, wandb_project=None, header=None, rank=0):
     """Create the output folder, write the flags (args.json and the first metrics.jsonl record,
     with `header`), start wandb when asked -> (log, finish): log(step, record) appends a
     record to metrics.jsonl (and wandb); finish() closes wandb. Only process 0 writes: in
-    the others both do nothing."""
+    the others both do nothing. Under --overwrite (in flags) the old run's files go first."""
     if rank:
         return (lambda *a: None), (lambda: None)
+    for f in run_files(out) if flags.get("overwrite") else []:
+        path = os.path.join(out, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(flags, f, indent=2)
@@ -276,13 +380,14 @@ def open_run(out, flags, wandb_project=None, header=None, rank=0):
     return log, finish
 
 
-def lr_at(step, num_steps, lr, warmup, min_ratio):
-    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio * lr at num_steps
-    (min_ratio 1: constant after the warm-up)."""
+def lr_at(step, num_steps, lr, warmup, min_ratio, schedule="cosine"):
+    """The learning rate of step `step` (from 1): a linear warm-up over `warmup` steps, then
+    constant, or a linear or cosine decay to min_ratio * lr at num_steps (min_ratio 1: constant)."""
     if step <= warmup:
         return lr * step / warmup
-    progress = (step - warmup) / max(1, num_steps - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = (step - warmup) / max(1, num_steps - warmup)  # 0 after the warm-up, 1 at the last step
+    decay = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    return lr * (min_ratio + (1 - min_ratio) * decay)
 
 
 def optimizer_step(model, opt, max_norm, step):
@@ -402,22 +507,46 @@ def encode_prompt(prompt, tok, template="r1"):
 
 def load_prompts(path, tok, template, max_new_tokens, context, need=(), limit=0):
     """Read a jsonl file of prompts and encode them -> (examples, prompt ids); a prompt that
-    cannot fit the model's context with max_new_tokens after it is an error naming its line.
+    cannot fit the model's context with max_new_tokens after it is an error naming its line
+    (max_new_tokens None: not checked yet, see fit_max_new_tokens).
     need: fields besides "prompt" every line must have (the rewards' "answer", "tests").
     limit: keep the first `limit` prompts (0: all), once every line has been checked."""
-    if context and max_new_tokens >= context:
-        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                        f"context of {context} tokens")
     examples = read_jsonl(path, required=("prompt", *need))
     ids = []
     for ex in examples:
         ids.append(encode_prompt(ex["prompt"], tok, template))
         if not ids[-1]:
             raise UserError(f"{ex['_where']}: the prompt is empty")
-        if context and len(ids[-1]) + max_new_tokens > context:
-            raise UserError(f"{ex['_where']}: the prompt is {len(ids[-1])} tokens; with --max-new-tokens "
-                            f"{max_new_tokens} it does not fit the model's context of {context} tokens")
+    if max_new_tokens is not None:
+        fit_max_new_tokens(max_new_tokens, context, examples, ids)
     return (examples[:limit], ids[:limit]) if limit else (examples, ids)
+
+
+def fit_max_new_tokens(requested, context, examples, ids, default=1024):
+    """--max-new-tokens -> the number a run uses. Given: it, once every prompt fits the model's
+    context with that many tokens after it (an error names the line of one that does not).
+    Left out (None): `default`, lowered to what the context leaves after the longest prompt,
+    and said (a small model's context is often shorter than a long reasoning trace)."""
+    if requested is None:
+        if not context or not ids:
+            return default
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        room = context - len(ids[longest])
+        if room < 1:
+            raise UserError(f"{examples[longest]['_where']}: the prompt is {len(ids[longest])} tokens; the model's "
+                            f"context of {context} leaves no room for a completion")
+        if room < default:
+            print0(f"--max-new-tokens {room}: what the model's context of {context} tokens leaves after the longest "
+                   f"prompt ({examples[longest]['_where']}, {len(ids[longest])} tokens), not {default}")
+        return min(default, room)
+    if context and requested >= context:
+        raise UserError(f"--max-new-tokens {requested} leaves no room for a prompt in the model's "
+                        f"context of {context} tokens")
+    for ex, p in zip(examples, ids):
+        if context and len(p) + requested > context:
+            raise UserError(f"{ex['_where']}: the prompt is {len(p)} tokens; with --max-new-tokens "
+                            f"{requested} it does not fit the model's context of {context} tokens")
+    return requested
 
 
 def next_prompts(num_examples, state, k, seed):

@@ -1,5 +1,9 @@
 """The shared module: prompt templates and their order, jsonl errors, device and dtype choice,
-the learning rate."""
+the learning rate, the completion length a model's context allows, stop signals and errors."""
+
+import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -80,6 +84,63 @@ def test_learning_rate_warms_up_then_decays_on_a_cosine():
     # grpo.py's schedule: min ratio 1 is constant after the warm-up, exactly the peak; no warm-up, the peak at once
     assert [common.lr_at(s, 100, 3e-6, 4, 1.0) for s in (2, 5, 100)] == [1.5e-6, 3e-6, 3e-6]
     assert [common.lr_at(s, 100, 3e-6, 0, 1.0) for s in (1, 100)] == [3e-6, 3e-6]
+
+
+def test_linear_and_cosine_decays_by_hand():
+    # 10 steps, 2 of warm-up: progress (s - 2) / 8; linear 1 - p, cosine (1 + cos(pi p)) / 2, both to 0.1
+    assert [common.lr_at(s, 10, 1.0, 2, 0.1, "linear") for s in (1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 0.55, 0.1])
+    assert [common.lr_at(s, 10, 1.0, 2, 0.1, "cosine") for s in (4, 6, 10)] == pytest.approx(
+        [0.1 + 0.9 * (1 + 2 ** -0.5) / 2, 0.55, 0.1])
+    assert [common.lr_at(s, 10, 1.0, 2, 0.1, "constant") for s in (1, 3, 10)] == [0.5, 1.0, 1.0]
+
+
+def test_max_new_tokens_left_out_fits_the_context_and_given_is_checked(tiny, tmp_path, capsys):
+    _, tok = tiny
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "a longer prompt " * 3}) + "\n")
+    examples, ids = common.load_prompts(str(path), tok, "raw", None, 64)
+    longest = max(len(i) for i in ids)
+    # left out: 1024 does not fit a context of 64, so what the longest prompt (line 2) leaves, and said
+    assert common.fit_max_new_tokens(None, 64, examples, ids) == 64 - longest
+    assert f"--max-new-tokens {64 - longest}: what the model's context of 64 tokens leaves after the longest prompt " \
+           f"({path}:2, {longest} tokens), not 1024" in capsys.readouterr().out
+    assert common.fit_max_new_tokens(None, 4096, examples, ids) == 1024  # room enough: the default, unsaid
+    assert capsys.readouterr().out == ""
+    assert common.fit_max_new_tokens(64 - longest, 64, examples, ids) == 64 - longest
+    with pytest.raises(common.UserError, match=f"{path}:2: the prompt is {longest} tokens; with --max-new-tokens "
+                                               f"{65 - longest} it does not fit"):
+        common.fit_max_new_tokens(65 - longest, 64, examples, ids)
+    with pytest.raises(common.UserError, match=f"{path}:2: the prompt is {longest} tokens; the model's context of {longest} leaves no room"):
+        common.fit_max_new_tokens(None, longest, examples, ids)
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_come_back(monkeypatch, capsys):
+    now = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    before = signal.getsignal(signal.SIGTERM)
+    with common.stop_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop and "SIGTERM: stopping at the end of this step" in capsys.readouterr().out
+        now[0] += 0.5
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, come twice (terminal and torchrun): still a step end
+        now[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):  # a second one: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_user_errors_are_one_line_from_process_0_and_an_interrupt_exits_130(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        raise common.UserError("data.jsonl:3: missing field 'prompt'")
+    assert e.value.code == "error: data.jsonl:3: missing field 'prompt'"
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        raise KeyboardInterrupt
+    assert e.value.code == 130 and capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setenv("RANK", "1")  # torchrun's other processes fail alike, and say nothing: one line in all
+    for error in [common.UserError("data.jsonl:3: missing field 'prompt'"), KeyboardInterrupt()]:
+        with pytest.raises(SystemExit) as e, common.user_errors():
+            raise error
+        assert e.value.code in (1, 130) and capsys.readouterr() == ("", "")
 
 
 def test_prompts_are_drawn_in_seeded_epochs_and_a_kept_state_goes_on_from_there():

@@ -303,18 +303,30 @@ def test_contradictory_or_wrong_flags_name_the_flag(capsys, tiny_dir, data, tmp_
     assert named in fails(capsys, tiny_dir, data, tmp_path, *flags)
 
 
-def test_command_line(tiny_dir, data, tmp_path):
-    """The real command: exit 0 with a checkpoint; a bad flag exits non-zero with one line, no traceback."""
+def test_command_line_logs_one_step_a_line_when_redirected_and_fails_in_one_line(tiny_dir, data, tmp_path):
+    """The real command, its output going to pipes as under `> log` or `| tee`: exit 0 with a
+    checkpoint, each step's line whole on a line of its own, no progress bar redrawn into the
+    log, no warning on stderr (none from transformers either); bad input exits non-zero with
+    one line: no traceback, no usage block."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--model", tiny_dir, "--data", str(data / "train.jsonl"),
-           "--out", str(tmp_path / "cli"), "--num-steps", "1", "--prompts-per-step", "2", "--group", "2",
-           "--max-new-tokens", "4", "--device", "cpu"]
+           "--out", str(tmp_path / "cli"), "--num-steps", "3", "--prompts-per-step", "2", "--group", "2",
+           "--max-new-tokens", "4", "--device", "cpu", "--eval-data", str(data / "train.jsonl"), "--eval-prompts", "2"]
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert "step 1/1 | reward" in ok.stderr + ok.stdout and (tmp_path / "cli" / "step-000001" / "config.json").exists()
-    bad = subprocess.run(cmd + ["--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert bad.returncode != 0 and "nope.jsonl: no such file" in bad.stderr and "Traceback" not in bad.stderr
+    assert ok.stderr == "" and "\r" not in ok.stdout
+    lines = ok.stdout.splitlines()
+    steps = [line for line in lines if "| reward" in line]
+    assert [line.split(" | ")[0] for line in steps] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all(line.count("| reward") == 1 and line.endswith("s") for line in steps)
+    assert lines[-1] == f"saved {tmp_path / 'cli' / 'step-000003'}" and sum(line.startswith("eval ") for line in lines) == 2
+    for extra, code, said in [(["--data", str(tmp_path / "nope.jsonl"), "--overwrite"], 1, "nope.jsonl: no such file"),
+                              (["--num-steps", "0"], 2, "--num-steps must be at least 1"),
+                              (["--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+                              ([], 1, "holds a run")]:
+        bad = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, timeout=120)
+        assert bad.returncode == code and said in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
+        assert bad.stderr.startswith("error: ") and "usage" not in bad.stderr
 
 
 # ------------------------------------------------------------------------- rewards in the loop

@@ -4,10 +4,12 @@ tiny model trained to answer (files, report, resume, torchrun), and the hand-off
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import reject_sample as RS
 import rewards as R
@@ -283,6 +285,72 @@ def test_eval_only_writes_nothing_and_reports_the_same_numbers(trained, tmp_path
     assert report == written
     printed = capsys.readouterr().out
     assert f"pass@1 {report['pass@1']:.3f} | pass@2" in printed and f"cons@8 {report['cons@8']:.3f}" in printed
+
+
+def print_run(model, capsys, *extra):
+    """reject_sample.py --prompt ... -> what it printed, as [(prompt number, sample number, completion)]."""
+    capsys.readouterr()
+    RS.main(["--model", model, "--device", "cpu", "--max-new-tokens", "48", "--template", "raw", *extra])
+    parts = re.split(r"^--- prompt (\d+), sample (\d+): .*\n", capsys.readouterr().out, flags=re.M)
+    assert parts[0] == ""  # nothing before the first header
+    return [(int(a), int(b), text.removesuffix("\n")) for a, b, text in zip(parts[1::3], parts[2::3], parts[3::3])]
+
+
+def test_prompt_prints_what_sampling_gives_for_each_prompt_and_writes_nothing(trained, tmp_path, monkeypatch, capsys):
+    model, _ = trained
+    monkeypatch.chdir(tmp_path)
+    texts = ["What is 12 + 7?", "Add 3 and 40"]
+    printed = print_run(model, capsys, "--prompt", texts[0], "--prompt", texts[1], "--num-samples", "3",
+                        "--temperature", "1", "--top-p", "1", "--seed", "5")
+    assert [(i, j) for i, j, _ in printed] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert os.listdir(tmp_path) == []
+    # the same samples drawn here: the raw text's tokens, each prompt with a generator seeded by --seed,
+    # each completion cut before its first end token
+    m, tok = models.load_model(model)
+    eos = models.eos_ids(m, tok)
+    want = []
+    for text in texts:
+        out = sampling.sample(m, [tok(text)["input_ids"]], 3, 48, eos, tok.pad_token_id, 1.0, 1.0,
+                              torch.Generator().manual_seed(5), vocab=len(tok))
+        for row in out["ids"].tolist():
+            want.append(tok.decode(row[:next((t for t, x in enumerate(row) if x in eos), len(row))]))
+    assert [text for _, _, text in printed] == want
+    # the model was taught these answers: what it prints ends where it stopped, without its end token
+    assert {text for _, _, text in printed[3:]} == {T.format("3 + 40 = 44", "44")}
+    assert all(text in [T.format("12 + 7 = 19", "19"), T.format("12 + 7 = 18", "18")] for _, _, text in printed[:3])
+
+
+def test_prompt_greedy_is_repeatable_and_is_what_generate_writes(trained, capsys):
+    model, _ = trained
+    greedy = ["--prompt", "What is 8 * 9?", "--prompt", "What is 100 - 1?", "--temperature", "0", "--num-samples", "1"]
+    first = print_run(model, capsys, *greedy)
+    assert print_run(model, capsys, *greedy, "--seed", "7") == first and len(first) == 2
+    # Hugging Face's own greedy decoding, an independent implementation
+    m, tok = models.load_model(model)
+    eos = models.eos_ids(m, tok)
+    for (_, _, text), prompt in zip(first, ["What is 8 * 9?", "What is 100 - 1?"]):
+        ids = tok(prompt)["input_ids"]
+        out = m.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=48, pad_token_id=tok.pad_token_id,
+                         eos_token_id=eos)[0, len(ids):].tolist()
+        assert text == tok.decode(out[:next((t for t, x in enumerate(out) if x in eos), len(out))])
+    # one of the answers the model was taught for each prompt
+    assert first[0][2] in [T.format("8 * 9 = 72", "72"), T.format("8 * 9 = 72 所以答案是七十二", "72")]
+    assert first[1][2] in [T.format("100 - 1 = 99", "99"), "100 - 1 = 99 so the answer is 99"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "hi", "--out", "x.jsonl"], "--prompt prints and writes nothing: drop --out"),
+    (["--prompt", "hi", "--eval-only"], "--prompt prints and writes nothing"),
+    (["--prompt", "hi", "--rl-out", "x.jsonl"], "--prompt prints and writes nothing"),
+    (["--prompt", "hi", "--data", "d"], "give --data FILE (prompts to sample, score and keep) or --prompt TEXT"),
+    (["--out", "x.jsonl"], "give --data FILE (prompts to sample, score and keep) or --prompt TEXT"),
+    (["--prompt", " "], "--prompt: a prompt is empty"),
+])
+def test_prompt_flags_that_contradict_it(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        RS.get_args(["--model", "m", *argv])
+    assert message in capsys.readouterr().err
+    assert RS.get_args(["--model", "m", "--prompt", "a", "--prompt", "b"]).prompt == ["a", "b"]
 
 
 class Crash(Exception):

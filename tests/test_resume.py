@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import grpo
 import sft
-from nanor1 import checkpoints, models
+from nanor1 import checkpoints, common, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"s", "sample_s", "score_s", "ref_s", "update_s", "tok/s"}  # wall-clock fields, the only ones allowed to differ
@@ -139,8 +139,9 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_dir, data, tmp
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # main() turns the interrupt into one line and exit code 130
         grpo_run(tiny_dir, data, tmp_path / "run")
+    assert e.value.code == 130
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(tmp_path / "run")) == [".tmp-step-000006", "args.json", "metrics.jsonl",
                                                     "samples.jsonl", "step-000003"]
@@ -155,6 +156,74 @@ def test_save_total_limit_keeps_the_newest(tiny_dir, data, tmp_path, toy):
     assert sorted(d for d in os.listdir(tmp_path / "run") if d.startswith("step")) == ["step-000005", "step-000006"]
     sft_run(tiny_dir, data, tmp_path / "sft", "--save-every", "1", "--save-total-limit", "1")
     assert sorted(d for d in os.listdir(tmp_path / "sft") if d.startswith("step")) == ["step-000006"]
+
+
+def test_a_new_run_into_a_used_out_is_refused_and_changes_nothing(tiny_dir, data, tmp_path, toy):
+    """The usual mistake after a crash, the same command again without --resume: refused before
+    anything is written, every file left byte for byte; --overwrite removes the run's files
+    (not the user's own) and starts over; --resume goes on (tested above)."""
+    out = tmp_path / "run"
+    sft_run(tiny_dir, data, out, evaluate=False)
+    (out / "notes.txt").write_text("mine")
+    files = lambda: {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    for script in (grpo_run, sft_run):
+        with pytest.raises(SystemExit) as e:
+            script(tiny_dir, data, out, evaluate=False)
+        assert str(e.value.code).startswith(f"error: --out {out} holds a run (args.json, metrics.jsonl, step-000003, "
+                                            "step-000006)") and "--resume" in e.value.code and "--overwrite" in e.value.code
+    with pytest.raises(SystemExit):  # --overwrite with a typo in a flag: nothing removed before the run can start
+        grpo_run(tiny_dir, data, out, "--overwrite", "--eval-data", str(tmp_path / "nope.jsonl"))
+    assert files() == before
+    grpo_run(tiny_dir, data, out, "--overwrite", "--num-steps", "2", evaluate=False)
+    assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl", "notes.txt", "samples.jsonl", "step-000002"]
+    assert [json.loads(line).get("step") for line in open(out / "metrics.jsonl")] == [None, 1, 2]  # one run's log
+    assert json.load(open(out / "args.json"))["num_steps"] == 2
+
+
+@pytest.mark.parametrize("script", ["grpo", "sft"])
+def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint_and_resumes_exactly(tiny_dir, data, tmp_path, toy,
+                                                                                   monkeypatch, capsys, script):
+    """SIGINT during step 2 (not on the --save-every 3 cadence): the step ends, step-000002 is
+    written, one line says how to go on, the exit code is 130; the same command plus --resume
+    then trains exactly as the run that was never stopped (bitwise)."""
+    run = grpo_run if script == "grpo" else sft_run
+    run(tiny_dir, data, tmp_path / "full")
+    real_step = common.optimizer_step
+
+    def interrupted(model, opt, max_norm, step):  # the signal arrives in the middle of step 2
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(model, opt, max_norm, step)
+
+    monkeypatch.setattr(common, "optimizer_step", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tiny_dir, data, tmp_path / "stopped")
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    out = capsys.readouterr().out
+    assert "SIGINT: stopping at the end of this step" in out
+    assert out.strip().splitlines()[-1] == (f"stopped after step 2; its checkpoint is {tmp_path / 'stopped' / 'step-000002'}"
+                                            ": go on with the same command plus --resume")
+    assert sorted(d for d in os.listdir(tmp_path / "stopped") if d.startswith("step-")) == ["step-000002"]
+    monkeypatch.setattr(common, "optimizer_step", real_step)
+    history = run(tiny_dir, data, tmp_path / "stopped", "--resume")
+    assert [r["step"] for r in history] == [3, 4, 5, 6]
+    a = load_file(tmp_path / "full" / "step-000006" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "step-000006" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert steps_logged(tmp_path / "full") == steps_logged(tmp_path / "stopped")
+
+
+def test_save_optimizer_0_writes_the_weights_alone(tiny_dir, data, tmp_path, capsys):
+    sft_run(tiny_dir, data, tmp_path / "run", "--save-optimizer", "0", evaluate=False)
+    for step in ["step-000003", "step-000006"]:
+        assert (tmp_path / "run" / step / "model.safetensors").exists()
+        assert not (tmp_path / "run" / step / checkpoints.STATE_FILE).exists()
+    assert f"saved {tmp_path / 'run' / 'step-000006'} (weights only: --save-optimizer 0)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        sft_run(tiny_dir, data, tmp_path / "run", "--resume", evaluate=False)
+    assert "holds no checkpoint with a trainer_state.pt" in str(e.value.code)
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ def main(argv=None):
         "--template", "chat", "--rewards", "accuracy,format", "--group", 8, "--prompts-per-step", 2,
         "--max-new-tokens", MAX_NEW_TOKENS, "--temperature", 1.0, "--lr", args.lr,
         "--beta", 0, "--sample-dtype", "bfloat16", "--num-steps", size["num_steps"], "--sample-every", 1,
-        "--device", args.device, "--seed", args.seed], logs)
+        "--device", args.device, "--seed", args.seed, "--save-every", 0], logs)
     last = os.path.join(run, sorted(d for d in os.listdir(run) if d.startswith("step-"))[-1])
     after, seconds["after"] = evaluate("after", last, args, size, test, out, logs)
     probe = {}
