@@ -35,11 +35,11 @@ Variants are flags: Dr. GRPO (--scale none --agg seq-sum), DAPO (--clip-high 0.2
     torchrun --nproc_per_node 8 grpo.py --model Qwen2.5-7B --fsdp --grad-checkpointing --data ...
     python grpo.py --model Qwen2.5-1.5B --lora-rank 64 --lora-alpha 128 --lr 1e-5 --data ...
 
-A run that dies goes on from its newest checkpoint with the same command plus --resume.
-A checkpoint holds, beside the policy, the optimizer, the step, the position in the data
-order, every random state (sampling included) and the reference model when
---ref-reset-every has moved it, so the resumed run trains exactly as an uninterrupted one
-would have (bitwise on CPU; tests/test_resume.py).
+Ctrl-C (or SIGTERM) stops a run at the end of its step with a checkpoint; a run that dies
+goes on from its newest one (every --save-every steps) with the same command plus --resume.
+A checkpoint holds the policy, the optimizer, the step, the position in the data order,
+every random state and a reference that --ref-reset-every moved, so the resumed run trains
+exactly as an uninterrupted one would have (bitwise on CPU; tests/test_resume.py).
 """
 
 import argparse
@@ -88,8 +88,7 @@ def get_args(argv=None):
     p.add_argument("--group", type=int, default=8, help="completions per prompt, G (DeepSeekMath: 64)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step; P*G completions per step")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="completion length limit, tokens; default 1024, or what the model's context leaves after the "
-                        "longest prompt when less (said)")
+                   help="completion length limit, tokens; default 1024, or what the context leaves when less")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off")
     p.add_argument("--ignore-eos", action="store_true",
@@ -118,8 +117,8 @@ def get_args(argv=None):
     p.add_argument("--num-steps", type=int, default=100, help="training steps (one sampling round + updates each)")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"],
-                   help="after the warm-up: constant (DeepSeekMath), or a linear (TRL's default) or cosine decay to "
-                        "--min-lr-ratio x --lr at the last step")
+                   help="after the warm-up: constant (DeepSeekMath), or a decay to --min-lr-ratio x --lr at the "
+                        "last step (TRL: linear to 0)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="with a decay: the last step's learning rate / --lr")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -136,14 +135,16 @@ def get_args(argv=None):
     p.add_argument("--eval-top-p", type=float, default=0.95, help="eval nucleus mass (R1: 0.95)")
     # logging and output
     p.add_argument("--out", default="out/grpo", help="output folder: metrics.jsonl, samples.jsonl, checkpoints")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps, and at the end; 0 = only at the end")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps, and at the end; 0 = only at the end")
     p.add_argument("--save-total-limit", type=int, default=0, help="keep only the newest N checkpoints; 0 = all")
     p.add_argument("--save-optimizer", type=int, default=1, choices=[0, 1],
-                   help="0: checkpoints hold the model alone, a third of the size, and cannot be resumed exactly")
+                   help="0: checkpoints hold the model without the optimizer's state, and cannot be resumed exactly")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run exactly: alone, from the newest checkpoint of --out; or from the checkpoint "
                         "folder given. --model stays the reference model's starting point")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run: its files go first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run: its files go first")
     p.add_argument("--sample-every", type=int, default=10, help="write one group's completions every N steps; 0 = never")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (wandb is optional)")
     args = p.parse_args(argv)
@@ -179,10 +180,11 @@ def get_args(argv=None):
         p.error(f"--rewards: {e}")
     if args.lang not in R.SCRIPTS:
         p.error(f"--lang: unknown language '{args.lang}' (known: {', '.join(sorted(R.SCRIPTS))})")
-    if args.overlong_buffer is not None and not 0 <= args.overlong_buffer <= (args.max_new_tokens or 1024):
+    if args.overlong_buffer is not None and not 0 <= args.overlong_buffer <= (args.max_new_tokens or math.inf):
         p.error("--overlong-buffer must be between 0 and --max-new-tokens")
     if args.resume and args.overwrite:
-        p.error("--resume goes on with the run in --out, --overwrite removes it: pick one")
+        p.error("--resume goes on with the run in --out, --overwrite removes it: pick one (after a run "
+                "started with --overwrite, drop it to add --resume)")
     if not 0 <= args.min_lr_ratio <= 1:
         p.error("--min-lr-ratio must be in [0, 1]")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -335,10 +337,11 @@ def load_data(args, tok, model):
     common.print0(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
     args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, examples + eval_examples,
                                                     ids + eval_ids)
-    if args.overlong_buffer is None:
-        args.overlong_buffer = args.max_new_tokens // 5  # a fifth, as DAPO's 4096 of 20480
+    if args.overlong_buffer is None:  # the overlong penalty's buffer: a fifth of the limit (DAPO: 4096 of 20480)
+        args.overlong_buffer = args.max_new_tokens // 5
     elif args.overlong_buffer > args.max_new_tokens:
-        raise common.UserError(f"--overlong-buffer {args.overlong_buffer} is more than --max-new-tokens")
+        raise common.UserError(f"--overlong-buffer {args.overlong_buffer} is more than --max-new-tokens "
+                               f"{args.max_new_tokens}, which the model's context allows")
     return examples, ids, eval_examples, eval_ids
 
 
@@ -431,8 +434,9 @@ def warn_about(record, args, last_warned):
 # and saves on their cadence
 
 
-def train(args, stop=()):
-    # stop: non-empty once a signal asked the run to stop (common.stop_signals)
+def train(args, stop=None):
+    # stop: what a signal asked (common.stop_signals): "at" once the run should stop at a step's end
+    stop = {} if stop is None else stop
     # under torchrun each process samples its own share of the prompts; the gradients are
     # summed across processes, so every process takes the same step; only process 0 writes
     rank, world, device, dtype = common.start_run(args)
@@ -444,10 +448,11 @@ def train(args, stop=()):
     common.print0(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} "
                   f"processes)" if world > 1 else "") + f", {num_micro} micro-batches of {args.micro_batch_size}, "
                   f"{args.num_iterations} update(s) per step, {args.num_steps} steps on {device} in "
-                  f"{str(dtype).removeprefix('torch.')}")
+                  f"{str(dtype).removeprefix('torch.')}, lr {args.lr:g} {args.lr_schedule}")
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
     resumed, state = checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED)
+    common.check_not_finished(state, args.num_steps, resumed)
     load_on = torch.device("cpu") if args.fsdp else device  # under FSDP on the CPU until sharded
     model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
     eos = models.eos_ids(model, tok)
@@ -488,6 +493,7 @@ def train(args, stop=()):
 
     clock = functools.partial(common.clock, device)
     history, bad_steps, last_warned, stopping = [], 0, {}, False
+    stop["armed"] = True  # from here a signal stops the run at the end of a step, with a checkpoint
     for step in common.progress(range(start + 1, args.num_steps + 1), desc="grpo", initial=start, total=args.num_steps):
         t0, timings = clock(), {"sample": 0.0, "score": 0.0}
         if ref is not None and args.ref_reset_every and step > 1 and (step - 1) % args.ref_reset_every == 0:
@@ -598,7 +604,7 @@ def train(args, stop=()):
 
         # 5. evaluate and save on their cadence, and at the end, or when a signal asked to stop
         last = step == args.num_steps
-        stopping = not last and common.all_sum([len(stop)], device)[0] > 0  # every process stops at one step
+        stopping = not last and common.all_sum([float("at" in stop)], device)[0] > 0  # all stop at one step
         if eval_examples and (last or (args.eval_every and step % args.eval_every == 0)):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last or stopping:
@@ -610,7 +616,7 @@ def train(args, stop=()):
                  "ref": common.full_state_dict(ref) if ref is not None and args.ref_reset_every else None},
                 [generator, eval_generator], args.save_total_limit, rank, args.save_optimizer)
         if stopping:
-            common.stopped(step, path, args.save_optimizer)
+            common.stopped(step, path, flags)
             break
     finish()
     common.end_distributed()

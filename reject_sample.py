@@ -135,6 +135,8 @@ def get_args(argv=None):
         p.error("give --data FILE (prompts to sample, score and keep) or --prompt TEXT (print what the model writes)")
     if args.prompt and (args.out or args.rl_out or args.overwrite or args.eval_only):
         p.error("--prompt prints and writes nothing: drop --out, --rl-out, --overwrite and --eval-only")
+    if args.prompt and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("--prompt runs in one process, not under torchrun")
     if args.prompt and not all(text.strip() for text in args.prompt):
         p.error("--prompt: a prompt is empty")
     if args.eval_only and (args.out or args.rl_out or args.overwrite):
@@ -394,9 +396,10 @@ def shard_files(base):
     return [(p[: -len(".pass.jsonl")] + ".jsonl", p) for p in sorted(found)]
 
 
-def check_flags(files, args):
+def check_flags(files, args, keys=RESUME_KEYS):
     """Before anything is loaded: refuse to resume files written with other flags (or by
-    something else). --overwrite skips the check; the files go once the data has been read."""
+    something else). --overwrite skips the check; the files go once the data has been read.
+    --max-new-tokens left out is checked once fitted to the model's context (keys: that one)."""
     if args.overwrite or not (any(os.path.exists(path) and os.path.getsize(path) for path in [files["kept"], files["pass"]])
                               or shard_files(files["base"])):
         return
@@ -405,8 +408,8 @@ def check_flags(files, args):
                                "written by this script; use another --out, or --overwrite")
     with open(files["run"]) as f:
         before = json.load(f)
-    for key in RESUME_KEYS:  # --max-new-tokens left out is fitted to the model and data, both checked
-        if before.get(key) != getattr(args, key) and not (key == "max_new_tokens" and args.max_new_tokens is None):
+    for key in keys:
+        if before.get(key) != getattr(args, key) and getattr(args, key) is not None:  # None: not fitted yet
             raise common.UserError(f"--out {args.out}: written with --{key.replace('_', '-')} {before.get(key)}, "
                                    f"not {getattr(args, key)}; resume with the same flags, or use --overwrite or "
                                    "another --out")
@@ -494,6 +497,8 @@ def run(args):
     need = sorted({R.NEEDS[name] for name in names if name in R.NEEDS})
     examples, prompt_ids = common.load_prompts(args.data, tok, args.template, None, context, need, args.max_prompts)
     args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, examples, prompt_ids)
+    if files and rank == 0:
+        check_flags(files, args, ["max_new_tokens"])  # as fitted: the samples written before must be as long
     for ex in examples:  # checked now, not when a sample of that prompt first needs it
         if ex.get("lang") and ex["lang"] not in R.SCRIPTS:
             raise common.UserError(f"{ex['_where']}: unknown language {ex['lang']!r} (known: {', '.join(sorted(R.SCRIPTS))})")
@@ -603,7 +608,8 @@ def print_samples(args):
 
 def main(argv=None):
     args = get_args(argv)
-    with common.user_errors("interrupted; the same command goes on after the prompts already written"):
+    with common.user_errors("interrupted" if args.prompt or args.eval_only else
+                            "interrupted; the same command goes on after the prompts already written"):
         return print_samples(args) if args.prompt else run(args)
 
 

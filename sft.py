@@ -120,14 +120,16 @@ def get_args(argv=None):
                    help="eval completion length limit, tokens; default 1024, or what the context leaves when less")
     # logging and output
     p.add_argument("--out", default="out/sft", help="output folder: metrics.jsonl, args.json, checkpoints")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end; 0 = only at the end")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps, and at the end; 0 = only at the end")
     p.add_argument("--save-total-limit", type=int, default=0, help="keep only the newest N checkpoints; 0 = all")
     p.add_argument("--save-optimizer", type=int, default=1, choices=[0, 1],
-                   help="0: checkpoints hold the model alone, a third of the size, and cannot be resumed exactly")
+                   help="0: checkpoints hold the model without the optimizer's state, and cannot be resumed exactly")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run exactly: alone, from the newest checkpoint of --out; or from the checkpoint "
                         "folder given (the model comes from the checkpoint; give the run's other flags again)")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run: its files go first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run: its files go first")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (wandb is optional)")
     args = p.parse_args(argv)
 
@@ -155,7 +157,8 @@ def get_args(argv=None):
     if args.warmup_steps is not None and args.warmup_steps < 0:
         p.error("--warmup-steps must be 0 or more")
     if args.resume and args.overwrite:
-        p.error("--resume goes on with the run in --out, --overwrite removes it: pick one")
+        p.error("--resume goes on with the run in --out, --overwrite removes it: pick one (after a run "
+                "started with --overwrite, drop it to add --resume)")
     if args.kd_weight is not None and not args.teacher:
         p.error("--kd-weight needs --teacher")
     if args.teacher:
@@ -464,8 +467,9 @@ def log_line(record, num_steps, gnorm):
 # optimizer step and a log line; then evaluation and a checkpoint on their cadence
 
 
-def train(args, stop=()):
-    # stop: non-empty once a signal asked the run to stop (common.stop_signals)
+def train(args, stop=None):
+    # stop: what a signal asked (common.stop_signals): "at" once the run should stop at a step's end
+    stop = {} if stop is None else stop
     # torchrun: each process takes a share of every batch, gradients are summed, process 0 writes
     rank, world, device, dtype = common.start_run(args)
 
@@ -480,6 +484,7 @@ def train(args, stop=()):
     lengths = [len(ids) for ids, _ in train_set]
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     num_steps = args.num_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    common.check_not_finished(state, num_steps, resumed)
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.03 * num_steps)
     common.print0(f"{num_steps} steps of {args.batch_size} examples ({num_steps / steps_per_epoch:.2f} epochs), "
                   f"{math.ceil(args.batch_size / args.micro_batch_size)} micro-batches of {args.micro_batch_size}, "
@@ -530,6 +535,7 @@ def train(args, stop=()):
         checkpoints.set_rng_state(state["rng"][rank], [generator])
     history, bad_steps, stopping = [], 0, False
     batches, epoch = [], -1  # the data order is a function of the step: nothing to restore
+    stop["armed"] = True  # from here a signal stops the run at the end of a step, with a checkpoint
     for step in common.progress(range(start + 1, num_steps + 1), desc="sft", initial=start, total=num_steps):
         t0 = common.clock(device)
         if (step - 1) // steps_per_epoch != epoch:  # a new epoch: a new seeded order
@@ -582,14 +588,14 @@ def train(args, stop=()):
 
         # evaluate and save on their cadence, and at the end, or when a signal asked to stop
         last = step == num_steps
-        stopping = not last and common.all_sum([len(stop)], device)[0] > 0  # every process stops at one step
+        stopping = not last and common.all_sum([float("at" in stop)], device)[0] > 0  # all stop at one step
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last or stopping:
             path = checkpoints.save_training_checkpoint(args.out, step, model, opt, tok, flags, {}, [generator],
                                                         args.save_total_limit, rank, args.save_optimizer)
         if stopping:
-            common.stopped(step, path, args.save_optimizer)
+            common.stopped(step, path, flags)
             break
     finish()
     common.end_distributed()

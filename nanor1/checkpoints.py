@@ -101,7 +101,8 @@ def resume_from(out, resume, flags, checked):
         found = sorted(d for d in os.listdir(out) if d.startswith("step-")
                        and os.path.exists(os.path.join(out, d, STATE_FILE))) if os.path.isdir(out) else []
         if not found:
-            raise UserError(f"--resume: {out} holds no checkpoint with a {STATE_FILE} to resume from")
+            raise UserError(f"--resume: {out} holds no checkpoint with a {STATE_FILE} to resume from; "
+                            "--overwrite starts over instead")
         path = os.path.join(out, found[-1])
     else:
         path = resume

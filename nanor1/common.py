@@ -51,10 +51,14 @@ def exit_with(message, code=1):
     sys.exit(code)
 
 
+INTERRUPTED = "interrupted; the same command with --resume goes on from the newest checkpoint of --out, if any"
+
+
 @contextlib.contextmanager
-def user_errors(interrupted="interrupted; a run goes on from its newest checkpoint with the same command plus --resume"):
+def user_errors(interrupted=INTERRUPTED):
     """A script's main(): an error the user can fix as one line, no traceback (exit code 1), and
-    Ctrl-C outside a step, or a second one inside, as the line `interrupted` (exit code 130, as a shell's)."""
+    Ctrl-C before a run's first step, or a second one after, as the line `interrupted` (exit code
+    130, as a shell's)."""
     try:
         yield
     except UserError as e:
@@ -300,43 +304,53 @@ def claim_out(out, resume, overwrite):
         raise UserError(f"--out {out}: exists and is not a folder")
     found = run_files(out)
     if found and not resume and not overwrite:
+        if not any(f.startswith("step-") for f in found):  # stopped before its first checkpoint
+            raise UserError(f"--out {out} holds the logs of a run with no checkpoint ({', '.join(found)}); "
+                            "add --overwrite to start over (they are removed)")
         raise UserError(f"--out {out} holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
                         "add --resume to go on with it, or --overwrite to start over (its files are removed)")
 
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask a run to stop at the end of the
-    step under way, with a checkpoint -> a list, empty until then. A second signal stops at once
-    (KeyboardInterrupt); one a second after the first counts as a second: one Ctrl-C reaches a
-    process twice under torchrun (from the terminal and from torchrun). The previous handlers
-    come back on leaving. (Signals reach only the main thread: elsewhere nothing is caught.)"""
-    asked = []
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) -> a dict `stop`. Until the run sets
+    stop["armed"] (its first step), a signal interrupts at once: nothing is saved yet. After, the
+    first asks the run to stop at the end of the step under way, with a checkpoint (stop["at"]
+    is set), and a second one stops at once (KeyboardInterrupt). The previous handlers come
+    back on leaving. (Signals reach only the main thread: elsewhere nothing is caught.)"""
+    stop = {}
 
     def ask(signum, frame):
-        if asked and time.monotonic() - asked[0] > 1.0:
+        if not stop.get("armed") or "at" in stop:
             raise KeyboardInterrupt
-        if not asked:
-            asked.append(time.monotonic())
-            print0(f"{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint "
-                   "(again to stop at once)")
+        stop["at"] = time.monotonic()
+        if int(os.environ.get("RANK", "0")) == 0:  # os.write: print() here could re-enter a write under way
+            os.write(2, f"{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint "
+                        "(again to stop at once)\n".encode())
 
     if threading.current_thread() is not threading.main_thread():
-        yield asked
+        yield stop
         return
     before = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield asked
+        yield stop
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
 
 
-def stopped(step, path, resumable):
+def stopped(step, path, flags):
     """The line a run that a signal stopped ends with: where its last checkpoint is, and how to go on."""
     print0(f"stopped after step {step}; its checkpoint is {path}: " +
-           ("go on with the same command plus --resume" if resumable else
-            "the weights alone (--save-optimizer 0), so the run cannot go on exactly"))
+           (f"go on with the same command plus --resume{' (and without --overwrite)' if flags['overwrite'] else ''}"
+            if flags["save_optimizer"] else "the weights alone (--save-optimizer 0), so the run cannot go on exactly"))
+
+
+def check_not_finished(state, num_steps, path):
+    """--resume from a checkpoint of the last step: nothing to do, said before anything is written."""
+    if state and state["step"] >= num_steps:
+        raise UserError(f"--resume {path}: the run finished at step {state['step']} of {num_steps}; "
+                        "raise --num-steps to go on")
 
 
 def seed_everything(seed):
@@ -350,6 +364,8 @@ def open_run(out, flags, wandb_project=None, header=None, rank=0):
     with `header`), start wandb when asked -> (log, finish): log(step, record) appends a
     record to metrics.jsonl (and wandb); finish() closes wandb. Only process 0 writes: in
     the others both do nothing. Under --overwrite (in flags) the old run's files go first."""
+    if flags.get("overwrite") and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process has loaded its model (which may be in --out) first
     if rank:
         return (lambda *a: None), (lambda: None)
     for f in run_files(out) if flags.get("overwrite") else []:
@@ -522,7 +538,10 @@ def load_prompts(path, tok, template, max_new_tokens, context, need=(), limit=0)
     return (examples[:limit], ids[:limit]) if limit else (examples, ids)
 
 
-def fit_max_new_tokens(requested, context, examples, ids, default=1024):
+MAX_NEW_TOKENS = 1024  # --max-new-tokens when left out and the model's context has room
+
+
+def fit_max_new_tokens(requested, context, examples, ids, default=MAX_NEW_TOKENS):
     """--max-new-tokens -> the number a run uses. Given: it, once every prompt fits the model's
     context with that many tokens after it (an error names the line of one that does not).
     Left out (None): `default`, lowered to what the context leaves after the longest prompt,

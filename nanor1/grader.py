@@ -975,8 +975,11 @@ _idle_workers, _workers_lock = [], threading.Lock()
 
 
 def _start_math_worker():
+    # a session of its own: the terminal's Ctrl-C, meant for the run (which stops at a step's end), does
+    # not kill the worker in the middle of a comparison (it dies with its parent all the same)
     proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "--math-worker"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     if _read_line(proc, 60.0) != b"ready\n":  # importing sympy takes ~0.5 s
         _stop(proc)
         raise RuntimeError("the math worker process did not start")

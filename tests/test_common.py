@@ -110,20 +110,20 @@ def test_max_new_tokens_left_out_fits_the_context_and_given_is_checked(tiny, tmp
     with pytest.raises(common.UserError, match=f"{path}:2: the prompt is {longest} tokens; with --max-new-tokens "
                                                f"{65 - longest} it does not fit"):
         common.fit_max_new_tokens(65 - longest, 64, examples, ids)
-    with pytest.raises(common.UserError, match=f"{path}:2: the prompt is {longest} tokens; the model's context of {longest} leaves no room"):
+    with pytest.raises(common.UserError,
+                       match=f"{path}:2: the prompt is {longest} tokens; the model's context of {longest} leaves no room"):
         common.fit_max_new_tokens(None, longest, examples, ids)
 
 
-def test_a_second_signal_stops_at_once_and_the_handlers_come_back(monkeypatch, capsys):
-    now = [100.0]
-    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+def test_a_signal_stops_at_the_step_end_once_armed_and_a_second_one_at_once(capfd):
     before = signal.getsignal(signal.SIGTERM)
     with common.stop_signals() as stop:
+        with pytest.raises(KeyboardInterrupt):  # before the first step (loading, say): at once, nothing to save
+            os.kill(os.getpid(), signal.SIGINT)
+        stop["armed"] = True
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop and "SIGTERM: stopping at the end of this step" in capsys.readouterr().out
-        now[0] += 0.5
-        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, come twice (terminal and torchrun): still a step end
-        now[0] += 1.0
+        assert "at" in stop and capfd.readouterr().err == ("SIGTERM: stopping at the end of this step, with a "
+                                                          "checkpoint (again to stop at once)\n")
         with pytest.raises(KeyboardInterrupt):  # a second one: at once
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -137,10 +137,10 @@ def test_user_errors_are_one_line_from_process_0_and_an_interrupt_exits_130(caps
         raise KeyboardInterrupt
     assert e.value.code == 130 and capsys.readouterr().err.count("\n") == 1
     monkeypatch.setenv("RANK", "1")  # torchrun's other processes fail alike, and say nothing: one line in all
-    for error in [common.UserError("data.jsonl:3: missing field 'prompt'"), KeyboardInterrupt()]:
+    for error, code in [(common.UserError("data.jsonl:3: missing field 'prompt'"), 1), (KeyboardInterrupt(), 130)]:
         with pytest.raises(SystemExit) as e, common.user_errors():
             raise error
-        assert e.value.code in (1, 130) and capsys.readouterr() == ("", "")
+        assert e.value.code == code and capsys.readouterr() == ("", "")
 
 
 def test_prompts_are_drawn_in_seeded_epochs_and_a_kept_state_goes_on_from_there():

@@ -5,6 +5,7 @@ global batch. The processes are started by torch.multiprocessing with torchrun's
 import json
 import os
 import shutil
+import signal
 import socket
 
 import pytest
@@ -143,6 +144,36 @@ def test_grpo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, 
     assert a["kl"] > 0  # the policy moved away from the reference
     same_weights(tmp_path / "one" / "step-000003", tmp_path / "two" / "step-000003", tiny_dir)
     assert len([l for l in open(tmp_path / "two" / "samples.jsonl")]) == 3 * 4  # one group a step, once
+
+
+def signalled_process(rank, world, port, argv, out):
+    """One of 2 grpo.py processes with fixed samples, where process 1 alone gets a SIGINT in step 2
+    (a scheduler may signal one of them); its exit code goes to out.code.<rank>."""
+    real = common.optimizer_step
+
+    def step_end(model, opt, max_norm, step):
+        if step == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, opt, max_norm, step)
+
+    common.optimizer_step = step_end
+    try:
+        process(rank, world, port, "grpo", argv, f"{out}.grads")
+    except SystemExit as e:
+        open(f"{out}.code.{rank}", "w").write(str(e.code))
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_dir, data, tmp_path):
+    argv = ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "run"), "--device",
+            "cpu", "--prompts-per-step", "4", "--group", "4", "--rewards", "format", "--num-steps", "5",
+            "--lr", "1e-3", "--max-new-tokens", "8", "--save-every", "4"]
+    mp.spawn(signalled_process, args=(2, free_port(), argv, str(tmp_path / "run")), nprocs=2)
+    assert [open(tmp_path / f"run.code.{rank}").read() for rank in (0, 1)] == ["130", "130"]
+    assert sorted(d for d in os.listdir(tmp_path / "run") if d.startswith("step-")) == ["step-000002"]
+    assert [json.loads(line).get("step") for line in open(tmp_path / "run" / "metrics.jsonl")] == [None, 1, 2]
+    state = torch.load(tmp_path / "run" / "step-000002" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and len(state["rng"]) == 2  # both processes' random streams, for --resume
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -277,6 +278,11 @@ def test_more_bad_input(capsys, tiny_dir, data, tmp_path):
                                                           "--template", "raw")
     msg = fails(capsys, tiny_dir, data, tmp_path, "--max-new-tokens", "1024")
     assert "--max-new-tokens 1024 leaves no room" in msg
+    with pytest.raises(SystemExit) as e:  # --max-new-tokens left out: 1024 lowered to the tiny model's room
+        grpo.main(["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "o"),
+                   "--device", "cpu", "--overlong-buffer", "1020"])
+    assert re.fullmatch(r"error: --overlong-buffer 1020 is more than --max-new-tokens \d+, which the model's "
+                        r"context allows", e.value.code)
     assert "--device gpu" in fails(capsys, tiny_dir, data, tmp_path, "--device", "gpu")
 
 

@@ -535,6 +535,9 @@ def test_out_folder_and_foreign_or_mismatched_files_are_refused(trained, tmp_pat
                            (["--format-check", "think"], "--format-check r1, not think")]:
         with pytest.raises(SystemExit, match=message):
             sample_run(model, data, out, "--max-prompts", "1", *extra)
+    with pytest.raises(SystemExit, match="written with --max-new-tokens 48, not "):  # left out: fitted, then checked
+        RS.main(["--model", model, "--data", data, "--out", str(out), "--device", "cpu", "--num-samples", "8",
+                 "--temperature", "1", "--top-p", "1", "--template", "raw", "--max-prompts", "2"])
     sample_run(model, data, out, "--max-prompts", "1", "--prompts-per-batch", "3")  # batching may change
     pass_file = tmp_path / "kept.pass.jsonl"
     pass_file.write_text(pass_file.read_text() + "garbage\n" + pass_file.read_text())

@@ -183,7 +183,7 @@ def test_a_new_run_into_a_used_out_is_refused_and_changes_nothing(tiny_dir, data
 
 @pytest.mark.parametrize("script", ["grpo", "sft"])
 def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint_and_resumes_exactly(tiny_dir, data, tmp_path, toy,
-                                                                                   monkeypatch, capsys, script):
+                                                                                   monkeypatch, capfd, script):
     """SIGINT during step 2 (not on the --save-every 3 cadence): the step ends, step-000002 is
     written, one line says how to go on, the exit code is 130; the same command plus --resume
     then trains exactly as the run that was never stopped (bitwise)."""
@@ -197,14 +197,15 @@ def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint_and_resumes_exact
         return real_step(model, opt, max_norm, step)
 
     monkeypatch.setattr(common, "optimizer_step", interrupted)
-    capsys.readouterr()
+    capfd.readouterr()
     with pytest.raises(SystemExit) as e:
         run(tiny_dir, data, tmp_path / "stopped")
     assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
-    out = capsys.readouterr().out
-    assert "SIGINT: stopping at the end of this step" in out
-    assert out.strip().splitlines()[-1] == (f"stopped after step 2; its checkpoint is {tmp_path / 'stopped' / 'step-000002'}"
-                                            ": go on with the same command plus --resume")
+    out, err = capfd.readouterr()
+    assert "SIGINT: stopping at the end of this step" in err
+    assert out.strip().splitlines()[-1] == (f"stopped after step 2; its checkpoint is "
+                                            f"{tmp_path / 'stopped' / 'step-000002'}: go on with the same command "
+                                            "plus --resume")
     assert sorted(d for d in os.listdir(tmp_path / "stopped") if d.startswith("step-")) == ["step-000002"]
     monkeypatch.setattr(common, "optimizer_step", real_step)
     history = run(tiny_dir, data, tmp_path / "stopped", "--resume")
@@ -213,6 +214,38 @@ def test_ctrl_c_stops_at_the_end_of_the_step_with_a_checkpoint_and_resumes_exact
     b = load_file(tmp_path / "stopped" / "step-000006" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert steps_logged(tmp_path / "full") == steps_logged(tmp_path / "stopped")
+    with pytest.raises(SystemExit) as e:  # finished: nothing to go on with, and nothing written
+        run(tiny_dir, data, tmp_path / "stopped", "--resume")
+    assert "the run finished at step 6 of 6; raise --num-steps to go on" in str(e.value.code)
+    assert steps_logged(tmp_path / "full") == steps_logged(tmp_path / "stopped")
+
+
+def test_ctrl_c_in_the_last_step_finishes_and_before_the_first_stops_at_once(tiny_dir, data, tmp_path, toy,
+                                                                            monkeypatch, capsys):
+    real_step, real_load = common.optimizer_step, models.load_for_training
+
+    def interrupted(model, opt, max_norm, step):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(model, opt, max_norm, step)
+
+    monkeypatch.setattr(common, "optimizer_step", interrupted)
+    assert len(grpo_run(tiny_dir, data, tmp_path / "last", evaluate=False)) == 6  # the run was done: exit 0
+    assert "stopped after" not in capsys.readouterr().out
+
+    def loading(*a, **k):  # Ctrl-C while the model loads: nothing to save, so at once
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(models, "load_for_training", loading)
+    with pytest.raises(SystemExit) as e:
+        grpo_run(tiny_dir, data, tmp_path / "early", evaluate=False)
+    assert e.value.code == 130 and capsys.readouterr().err == common.INTERRUPTED + "\n"
+    assert not (tmp_path / "early").exists()
+    (tmp_path / "early").mkdir()  # a run that left its logs and no checkpoint: --overwrite is the way on
+    (tmp_path / "early" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="holds the logs of a run with no checkpoint .*; add --overwrite"):
+        grpo_run(tiny_dir, data, tmp_path / "early", evaluate=False)
 
 
 def test_save_optimizer_0_writes_the_weights_alone(tiny_dir, data, tmp_path, capsys):
