@@ -180,8 +180,8 @@ def get_args(argv=None):
         p.error(f"--rewards: {e}")
     if args.lang not in R.SCRIPTS:
         p.error(f"--lang: unknown language '{args.lang}' (known: {', '.join(sorted(R.SCRIPTS))})")
-    if args.overlong_buffer is not None and not 0 <= args.overlong_buffer <= (args.max_new_tokens or math.inf):
-        p.error("--overlong-buffer must be between 0 and --max-new-tokens")
+    if args.overlong_buffer is not None and args.overlong_buffer < 0:  # its upper bound: in load_data
+        p.error("--overlong-buffer must be 0 or more")
     if args.resume and args.overwrite:
         p.error("--resume goes on with the run in --out, --overwrite removes it: pick one (after a run "
                 "started with --overwrite, drop it to add --resume)")
@@ -331,9 +331,9 @@ def load_data(args, tok, model):
     eval examples, eval ids). Every line must carry what the rewards read ("answer", "tests")."""
     context = getattr(model.config, "max_position_embeddings", None)
     need = sorted({R.NEEDS[name] for name, _, _ in R.parse_rewards(args.rewards) if name in R.NEEDS})
-    examples, ids = common.load_prompts(args.data, tok, args.template, None, context, need)
-    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, None, context, ["answer"],
-                                                   args.eval_prompts) if args.eval_data else ([], []))
+    examples, ids = common.load_prompts(args.data, tok, args.template, need)
+    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, ["answer"], args.eval_prompts)
+                               if args.eval_data else ([], []))
     common.print0(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
     args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, examples + eval_examples,
                                                     ids + eval_ids)

@@ -495,7 +495,7 @@ def run(args):
     model, tok = models.load_model(args.model, device, dtype)  # no training: weights in the compute dtype
     eos, context = models.eos_ids(model, tok), getattr(model.config, "max_position_embeddings", None)
     need = sorted({R.NEEDS[name] for name in names if name in R.NEEDS})
-    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, None, context, need, args.max_prompts)
+    examples, prompt_ids = common.load_prompts(args.data, tok, args.template, need, args.max_prompts)
     args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, examples, prompt_ids)
     if files and rank == 0:
         check_flags(files, args, ["max_new_tokens"])  # as fitted: the samples written before must be as long

@@ -478,8 +478,8 @@ def train(args, stop=None):
     model, tok, teacher = load_models(args, device, dtype, resumed)
     vocab, context = len(tok), getattr(model.config, "max_position_embeddings", None)
     train_set, counts, val_set, val_counts = load_data(args, tok, end_token(model, tok, args.template))
-    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, None, context, ["answer"],
-                                                   args.eval_prompts) if args.eval_data else ([], []))
+    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, ["answer"], args.eval_prompts)
+                               if args.eval_data else ([], []))
     args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, eval_examples, eval_ids)
     lengths = [len(ids) for ids, _ in train_set]
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)

@@ -315,15 +315,15 @@ def claim_out(out, resume, overwrite):
 def stop_signals():
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) -> a dict `stop`. Until the run sets
     stop["armed"] (its first step), a signal interrupts at once: nothing is saved yet. After, the
-    first asks the run to stop at the end of the step under way, with a checkpoint (stop["at"]
-    is set), and a second one stops at once (KeyboardInterrupt). The previous handlers come
+    first asks the run to stop at the end of the step under way, with a checkpoint ("at" in
+    stop), and a second one stops at once (KeyboardInterrupt). The previous handlers come
     back on leaving. (Signals reach only the main thread: elsewhere nothing is caught.)"""
     stop = {}
 
     def ask(signum, frame):
         if not stop.get("armed") or "at" in stop:
             raise KeyboardInterrupt
-        stop["at"] = time.monotonic()
+        stop["at"] = True
         if int(os.environ.get("RANK", "0")) == 0:  # os.write: print() here could re-enter a write under way
             os.write(2, f"{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint "
                         "(again to stop at once)\n".encode())
@@ -521,10 +521,9 @@ def encode_prompt(prompt, tok, template="r1"):
     return tok(text, add_special_tokens=template != "chat")["input_ids"]
 
 
-def load_prompts(path, tok, template, max_new_tokens, context, need=(), limit=0):
-    """Read a jsonl file of prompts and encode them -> (examples, prompt ids); a prompt that
-    cannot fit the model's context with max_new_tokens after it is an error naming its line
-    (max_new_tokens None: not checked yet, see fit_max_new_tokens).
+def load_prompts(path, tok, template, need=(), limit=0):
+    """Read a jsonl file of prompts and encode them -> (examples, prompt ids); whether they fit
+    the model's context with the completions after them is fit_max_new_tokens' to check.
     need: fields besides "prompt" every line must have (the rewards' "answer", "tests").
     limit: keep the first `limit` prompts (0: all), once every line has been checked."""
     examples = read_jsonl(path, required=("prompt", *need))
@@ -533,8 +532,6 @@ def load_prompts(path, tok, template, max_new_tokens, context, need=(), limit=0)
         ids.append(encode_prompt(ex["prompt"], tok, template))
         if not ids[-1]:
             raise UserError(f"{ex['_where']}: the prompt is empty")
-    if max_new_tokens is not None:
-        fit_max_new_tokens(max_new_tokens, context, examples, ids)
     return (examples[:limit], ids[:limit]) if limit else (examples, ids)
 
 

@@ -36,8 +36,8 @@ HUB_TIMEOUT = 5
 STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
-def model_candidates(name):
-    """Where a model name lives -> [(kind, where)]: "GGUF file", "local folder" or "hub id".
+def model_source(name):
+    """Where a model name lives -> (kind, where), kind "GGUF file", "local folder" or "hub id".
 
     A name is a local path, never a hub id, when it exists, starts with ".", "/" or "~", holds
     more than one "/" (hub ids are org/name), or its first part is a folder here ("out/x" when
@@ -45,19 +45,19 @@ def model_candidates(name):
     """
     path = os.path.expanduser(name)
     if name.lower().endswith(".gguf") and not os.path.isdir(path):
-        return [("GGUF file", path if os.path.exists(path) else packaged_file(name) or path)]
+        return ("GGUF file", path if os.path.exists(path) else packaged_file(name) or path)
     if is_local_path(name):
-        return [("local folder", path)]
+        return ("local folder", path)
     if "/" in name:
-        return [("hub id", name)]
+        return ("hub id", name)
     for prefix, org in HUB_ORGS:
         if name.lower().startswith(prefix):
-            return [("hub id", f"{org}/{name}")]
-    return [("hub id", name)]  # an id without an organisation, like "gpt2"
+            return ("hub id", f"{org}/{name}")
+    return ("hub id", name)  # an id without an organisation, like "gpt2"
 
 
 def is_local_path(name):
-    """Whether `name` can only be a local path (the rules in model_candidates' docstring)."""
+    """Whether `name` can only be a local path (the rules in model_source's docstring)."""
     return (os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or name.count("/") > 1
             or ("/" in name and os.path.isdir(name.split("/")[0])))
 
@@ -67,7 +67,7 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
     file, a hub id or a short name. Raises UserError with one line when nothing loads: the hub
     client's own stack trace would hide the one fact that matters (where the name was looked for).
     """
-    kind, where = model_candidates(name)[0]
+    kind, where = model_source(name)
     if kind == "local folder":  # checked before the slow imports: a mistyped path fails at once
         where = local_folder(f"model '{name}'", name, where, ["config.json", "adapter_config.json"])
     where, gguf = gguf_file(name, kind, where)
@@ -280,7 +280,7 @@ def load_tokenizer(name):
     newest checkpoint), a hub id or a short name, looked for as load_model looks for a model."""
     from transformers import AutoTokenizer
 
-    kind, where = model_candidates(name)[0]
+    kind, where = model_source(name)
     if kind == "local folder":
         where = local_folder(f"tokenizer '{name}'", name, where,
                              ["tokenizer_config.json", "tokenizer.json", "config.json"])

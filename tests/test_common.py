@@ -98,7 +98,7 @@ def test_max_new_tokens_left_out_fits_the_context_and_given_is_checked(tiny, tmp
     _, tok = tiny
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "a longer prompt " * 3}) + "\n")
-    examples, ids = common.load_prompts(str(path), tok, "raw", None, 64)
+    examples, ids = common.load_prompts(str(path), tok, "raw")
     longest = max(len(i) for i in ids)
     # left out: 1024 does not fit a context of 64, so what the longest prompt (line 2) leaves, and said
     assert common.fit_max_new_tokens(None, 64, examples, ids) == 64 - longest

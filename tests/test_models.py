@@ -48,7 +48,7 @@ def test_tiny_model_loads_like_a_real_one(tiny_dir, tiny):
     ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
 ])
 def test_short_names_map_to_hub_ids(name, want):
-    assert models.model_candidates(name) == [("hub id", want)]
+    assert models.model_source(name) == ("hub id", want)
 
 
 def test_unknown_model_is_one_clear_error(tmp_path):
@@ -62,8 +62,8 @@ def test_unknown_model_is_one_clear_error(tmp_path):
 
 
 def test_local_folder_and_bare_ids(tiny_dir):
-    assert models.model_candidates(tiny_dir) == [("local folder", tiny_dir)]
-    assert models.model_candidates("gpt2") == [("hub id", "gpt2")]
+    assert models.model_source(tiny_dir) == ("local folder", tiny_dir)
+    assert models.model_source("gpt2") == ("hub id", "gpt2")
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(tiny_dir, tmp_path):
@@ -96,7 +96,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tiny_dir, tmp_path):
 def test_which_names_are_local_paths(tmp_path, monkeypatch, name, kind):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
-    assert models.model_candidates(name)[0][0] == kind
+    assert models.model_source(name)[0] == kind
 
 
 def no_network(monkeypatch):
@@ -211,16 +211,16 @@ def test_the_hub_is_reachable_when_it_answers_or_behind_a_proxy(monkeypatch):
 
 def test_gguf_names_are_files_never_hub_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert models.model_candidates("missing.gguf") == [("GGUF file", "missing.gguf")]
+    assert models.model_source("missing.gguf") == ("GGUF file", "missing.gguf")
     (tmp_path / "here.gguf").write_bytes(b"GGUF")
-    assert models.model_candidates("here.gguf") == [("GGUF file", "here.gguf")]
-    assert models.model_candidates(str(tmp_path / "sub" / "x.Q4_1.gguf"))[0][0] == "GGUF file"
+    assert models.model_source("here.gguf") == ("GGUF file", "here.gguf")
+    assert models.model_source(str(tmp_path / "sub" / "x.Q4_1.gguf"))[0] == "GGUF file"
     with pytest.raises(common.UserError, match="--model missing.gguf: no such GGUF file"):
         models.load_model("missing.gguf")
     monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded before the file is looked for
-    assert models.model_candidates("~/here.gguf") == [("GGUF file", str(tmp_path / "here.gguf"))]
+    assert models.model_source("~/here.gguf") == ("GGUF file", str(tmp_path / "here.gguf"))
     (tmp_path / "folder.gguf").mkdir()  # a folder whose name ends in .gguf is a folder
-    assert models.model_candidates("folder.gguf") == [("local folder", "folder.gguf")]
+    assert models.model_source("folder.gguf") == ("local folder", "folder.gguf")
     (tmp_path / "config.json").write_text("{}")  # a file that is not a GGUF file: said so
     with pytest.raises(common.UserError, match="a file, not a folder"):
         models.load_model("config.json")

@@ -255,7 +255,7 @@ def test_run_keeps_only_verified_samples_and_reports_its_files(trained, tmp_path
     assert [r["prompt_index"] for r in rl] == [p["prompt_index"] for p in passes if 0.1 < p["pass_rate"] < 0.9]
     # the pass-rate file is prompts grpo.py can read
     tok = models.build_tiny_tokenizer()
-    examples, _ = common.load_prompts(str(tmp_path / "rl.jsonl"), tok, "r1", 8, None, ["answer"])
+    examples, _ = common.load_prompts(str(tmp_path / "rl.jsonl"), tok, "r1", ["answer"])
     assert [e["answer"] for e in examples] == [PROMPTS[r["prompt_index"]]["answer"] for r in rl]
 
 

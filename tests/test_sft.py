@@ -51,7 +51,7 @@ def test_loss_mask_is_exactly_the_completion_and_end_token(tiny, tmp_path):
     assert mask[0].sum() == len(other) - 5 and attn[0].sum() == len(other)
     # the prompt is encoded exactly as grpo.py encodes it, so RL sees the tokens SFT trained on
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt}])
-    _, grpo_ids = common.load_prompts(path, tok, "r1", 16, None)
+    _, grpo_ids = common.load_prompts(path, tok, "r1")
     assert ids[:start] == grpo_ids[0]
     # the chat form with one question is the same example; plain text trains every token but the first
     chat = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
