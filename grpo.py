@@ -445,10 +445,6 @@ def train(args, stop=None):
     P, G = args.prompts_per_step, args.group
     Pr = P // world  # prompts per process
     num_micro = math.ceil(Pr * G / args.micro_batch_size)
-    common.print0(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} "
-                  f"processes)" if world > 1 else "") + f", {num_micro} micro-batches of {args.micro_batch_size}, "
-                  f"{args.num_iterations} update(s) per step, {args.num_steps} steps on {device} in "
-                  f"{str(dtype).removeprefix('torch.')}, lr {args.lr:g} {args.lr_schedule}")
 
     # model and data; a resumed run takes the policy (and all else) from its checkpoint
     resumed, state = checkpoints.resume_from(args.out, args.resume, vars(args), RESUME_CHECKED)
@@ -458,6 +454,10 @@ def train(args, stop=None):
     eos = models.eos_ids(model, tok)
     examples, prompt_ids, eval_examples, eval_ids = load_data(args, tok, model)
     model, ref = prepare_models(args, model, device, resumed, state)
+    common.print0(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} "
+                  f"processes)" if world > 1 else "") + f", {num_micro} micro-batches of {args.micro_batch_size}, "
+                  f"{args.num_iterations} update(s) per step, {args.num_steps} steps on {device} in "
+                  f"{str(dtype).removeprefix('torch.')}, lr {args.lr:g} {args.lr_schedule}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # own samples per process

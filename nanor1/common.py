@@ -445,10 +445,13 @@ def read_jsonl(path, required=("prompt",)):
                 raise UserError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1})") from None
             if not line.strip():
                 continue
+            text = line.rstrip("\r\n")  # columns counted on the line itself, not past its end
             try:
-                row = json.loads(line)
+                row = json.loads(text)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                where = (f"; the line ends at column {len(text)}, the JSON unfinished" if e.pos >= len(text)
+                         else f" at column {e.colno}")
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}{where})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             for key in required:

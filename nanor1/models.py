@@ -155,7 +155,7 @@ def fetch(what, kind, where, load):
         try:
             return load(where, True)
         except Exception as e:  # transformers raises many types; all mean "not a model here"
-            raise UserError(f"could not load {what}; tried: {kind} '{where}' ({first_line(e)[:200]})") from None
+            raise UserError(f"could not load {what}; tried: {kind} '{where}' ({first_line(e)})") from None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -175,14 +175,14 @@ def fetch(what, kind, where, load):
             from huggingface_hub import constants
 
             raise UserError(f"could not load {what}: hub id '{where}' is not in the local cache and the hub "
-                            f"({constants.ENDPOINT}) could not be reached ({down[:200]}); "
+                            f"({constants.ENDPOINT}) could not be reached ({down}); "
                             "set HF_HUB_OFFLINE=1 to skip the hub when offline")
         try:
             return load(where, False)
         except Exception as e:
             reason = first_line(e)
     hint = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if offline() else ""
-    raise UserError(f"could not load {what}{hint}; tried: {kind} '{where}' ({reason[:200]})")
+    raise UserError(f"could not load {what}{hint}; tried: {kind} '{where}' ({reason})")
 
 
 def hub_unreachable():
@@ -205,9 +205,17 @@ def hub_unreachable():
     return None
 
 
-def first_line(e):
-    """An exception's first line (the hub client's messages run to many), or its type's name."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def first_line(e, limit=200):
+    """An exception's first line (the hub client's messages run to many), or its type's name.
+    A line over `limit` characters is cut after its first sentence, or else at a word, with
+    "...": never in the middle of a word."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if len(text) <= limit:
+        return text
+    end = text.find(". ")
+    if 0 < end < limit:
+        return text[:end + 1]
+    return text[:limit - 4].rsplit(" ", 1)[0] + " ..."
 
 
 def packaged_file(name):

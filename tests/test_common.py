@@ -43,6 +43,16 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     p.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b" "answer": "2"}\n')
     with pytest.raises(common.UserError, match=r"d\.jsonl:3: not valid JSON"):
         common.read_jsonl(str(p))
+    # the column is the one on the line, counted by hand: "answer" starts at column 16, where a comma belongs
+    with pytest.raises(common.UserError, match=r"Expecting ',' delimiter at column 16\)$"):
+        common.read_jsonl(str(p))
+    # a line cut off after 43 characters: said so, not "column 1" of the line after it
+    p.write_text('{"prompt": "What is 12 + 7?", "answer": "1"\n{"prompt": "b"}\n')
+    with pytest.raises(common.UserError, match=r"d\.jsonl:1: .*the line ends at column 43, the JSON unfinished"):
+        common.read_jsonl(str(p))
+    p.write_text('{"prompt": "What is 12 + 7?", "answer": "1\r\n')
+    with pytest.raises(common.UserError, match=r"d\.jsonl:1: not valid JSON \(Unterminated string .* at column 41"):
+        common.read_jsonl(str(p))
     p.write_text('{"prompt": "a", "answer": "1"}\n{"question": "b"}\n')
     with pytest.raises(common.UserError, match=r"d\.jsonl:2: missing field 'prompt'"):
         common.read_jsonl(str(p))

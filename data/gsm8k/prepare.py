@@ -41,9 +41,10 @@ def read_rows(path):
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}:{n}", json.loads(line)))  # bytes: a BOM or bad UTF-8 is handled here too
+                rows.append((f"{path}:{n}", json.loads(line.rstrip(b"\r\n"))))  # bytes: a BOM or bad UTF-8 too
             except ValueError as e:
-                sys.exit(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})")
+                sys.exit(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)}"
+                         + (f" at column {e.colno})" if hasattr(e, "colno") else ")"))
     if not rows:
         sys.exit(f"{path}: no records")
     return rows
