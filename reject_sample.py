@@ -5,7 +5,8 @@ same rules as training (rewards.py), and only the correct ones that are well for
 one language and not too long are kept. The same sampling and scoring is R1's evaluation
 protocol (temperature 0.6, top-p 0.95, k samples per question; pass@1 is the mean
 correctness over the k, cons@k the correctness of the majority-vote answer), so with
---eval-only this script is the project's evaluator and writes nothing but its report. With
+--eval-only this script is the project's evaluator and writes no samples, only its report
+(printed, and as json with --report FILE). With
 --prompt TEXT (repeatable) it only prints what the model writes after TEXT, like nanoGPT's sample.py.
 
 Files, for --out kept.jsonl:
@@ -103,7 +104,9 @@ def get_args(argv=None):
                    help="which passing samples are kept first: fewest tokens, or a seeded random order")
     # output
     p.add_argument("--out", default=None, help="kept samples, jsonl; the pass-rate, flags and report files go beside it")
-    p.add_argument("--eval-only", action="store_true", help="write nothing; print pass@k, cons@k and the rates")
+    p.add_argument("--eval-only", action="store_true", help="write no samples; print pass@k, cons@k and the rates")
+    p.add_argument("--report", default=None, help="also write the report printed at the end here (json); with "
+                                                  "--eval-only the one file written")
     p.add_argument("--overwrite", action="store_true", help="delete the files of an earlier run at --out instead of resuming it")
     p.add_argument("--rl-out", default=None, help="also write the prompts whose pass rate is inside --rl-range here (jsonl)")
     p.add_argument("--rl-range", type=float, nargs=2, default=(0.1, 0.9), metavar=("LO", "HI"),
@@ -133,21 +136,22 @@ def get_args(argv=None):
         p.error("--rl-range LO HI: expected 0 <= LO < HI <= 1")
     if bool(args.data) == bool(args.prompt):
         p.error("give --data FILE (prompts to sample, score and keep) or --prompt TEXT (print what the model writes)")
-    if args.prompt and (args.out or args.rl_out or args.overwrite or args.eval_only):
-        p.error("--prompt prints and writes nothing: drop --out, --rl-out, --overwrite and --eval-only")
+    if args.prompt and (args.out or args.rl_out or args.overwrite or args.eval_only or args.report):
+        p.error("--prompt prints and writes nothing: drop --out, --rl-out, --report, --overwrite and --eval-only")
     if args.prompt and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("--prompt runs in one process, not under torchrun")
     if args.prompt and not all(text.strip() for text in args.prompt):
         p.error("--prompt: a prompt is empty")
     if args.eval_only and (args.out or args.rl_out or args.overwrite):
-        p.error("--eval-only writes nothing: drop --out, --rl-out and --overwrite")
+        p.error("--eval-only writes no samples: drop --out, --rl-out and --overwrite (--report FILE keeps the report)")
     if not (args.eval_only or args.prompt or args.out):
-        p.error("--out is required (or --eval-only to write nothing)")
-    for flag, path in [("--out", args.out), ("--rl-out", args.rl_out)]:
+        p.error("--out is required (or --eval-only to write no samples)")
+    for flag, path in [("--out", args.out), ("--rl-out", args.rl_out), ("--report", args.report)]:
         if path and os.path.isdir(path):
             p.error(f"{flag} {path}: is a folder; give a file name such as {os.path.join(path, 'kept.jsonl')}")
-    if args.rl_out and os.path.abspath(args.rl_out) in {os.path.abspath(f) for f in output_paths(args.out).values()}:
-        p.error(f"--rl-out {args.rl_out}: is one of the files of --out {args.out}")
+    for flag, path in [("--rl-out", args.rl_out), ("--report", args.report)]:
+        if path and args.out and os.path.abspath(path) in {os.path.abspath(f) for f in output_paths(args.out).values()}:
+            p.error(f"{flag} {path}: is one of the files of --out {args.out}")
     return args
 
 
@@ -573,10 +577,20 @@ def run(args):
     # --max-prompts shrank since), or with --eval-only over this run's prompts
     report = summarize(records, args.rl_range)
     print("\n".join(report_lines(report, args.rl_range)))
+    if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.report}")
     if files:
         write_atomic(files["report"], json.dumps(report, indent=2) + "\n")
-        print(f"wrote {files['kept']} ({report['kept']} samples from {report['prompts_kept']} prompts) and "
-              f"{files['pass']}; train on them with python sft.py --data {files['kept']} --template {args.template} ...")
+        if report["kept"]:
+            print(f"wrote {files['kept']} ({report['kept']} samples from {report['prompts_kept']} prompts) and "
+                  f"{files['pass']}; train on them with python sft.py --data {files['kept']} --template "
+                  f"{args.template} ...")
+        else:  # an empty file is no SFT data: say why nothing was kept, not how to train on it
+            dropped = {why: sum(r["dropped"][why] for r in records) for why in REASONS}
+            print(f"kept no sample: {files['kept']} is empty (dropped: "
+                  + ", ".join(f"{why} {n}" for why, n in dropped.items() if n) + f"); wrote {files['pass']}")
     if args.rl_out:
         lo, hi = args.rl_range
         picked = [r for r in records if lo < r["pass_rate"] < hi]

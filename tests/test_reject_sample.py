@@ -285,6 +285,24 @@ def test_eval_only_writes_nothing_and_reports_the_same_numbers(trained, tmp_path
     assert report == written
     printed = capsys.readouterr().out
     assert f"pass@1 {report['pass@1']:.3f} | pass@2" in printed and f"cons@8 {report['cons@8']:.3f}" in printed
+    # --report: the same report as json, the one file written
+    again = RS.main(["--model", model, "--data", data, "--device", "cpu", "--num-samples", "8", "--max-new-tokens",
+                     "48", "--temperature", "1", "--top-p", "1", "--prompts-per-batch", "2", "--template", "raw",
+                     "--eval-only", "--report", "eval/r.json"])
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["eval"]) and os.listdir(tmp_path / "eval") == ["r.json"]
+    assert json.load(open(tmp_path / "eval" / "r.json")) == again == written
+
+
+def test_a_run_that_keeps_nothing_says_why_and_does_not_point_to_sft(trained, tmp_path, capsys):
+    model, data = trained
+    capsys.readouterr()
+    # no completion is one token long: every sample that passes the other rules is dropped as long
+    report = sample_run(model, data, tmp_path / "kept.jsonl", "--max-kept-tokens", "1")
+    printed = capsys.readouterr().out
+    assert report["kept"] == 0 and os.path.getsize(tmp_path / "kept.jsonl") == 0
+    assert "sft.py" not in printed
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith(f"kept no sample: {tmp_path / 'kept.jsonl'} is empty (dropped: ") and "long" in last
 
 
 def print_run(model, capsys, *extra):
@@ -342,6 +360,7 @@ def test_prompt_greedy_is_repeatable_and_is_what_generate_writes(trained, capsys
     (["--prompt", "hi", "--out", "x.jsonl"], "--prompt prints and writes nothing: drop --out"),
     (["--prompt", "hi", "--eval-only"], "--prompt prints and writes nothing"),
     (["--prompt", "hi", "--rl-out", "x.jsonl"], "--prompt prints and writes nothing"),
+    (["--prompt", "hi", "--report", "r.json"], "--prompt prints and writes nothing"),
     (["--prompt", "hi", "--data", "d"], "give --data FILE (prompts to sample, score and keep) or --prompt TEXT"),
     (["--out", "x.jsonl"], "give --data FILE (prompts to sample, score and keep) or --prompt TEXT"),
     (["--prompt", " "], "--prompt: a prompt is empty"),
@@ -504,8 +523,10 @@ def test_kept_samples_train_a_student_with_sft(trained, tiny_dir, tmp_path):
     (["--lang", "xx"], "--lang: unknown language 'xx'"),
     (["--rl-range", "0.9", "0.1"], "--rl-range LO HI: expected 0 <= LO < HI <= 1"),
     (["--rl-range", "half"], "argument --rl-range: expected 2 arguments"),
-    (["--eval-only", "--rl-out", "x.jsonl"], "--eval-only writes nothing"),
-    (["--eval-only", "--out", "x.jsonl"], "--eval-only writes nothing"),
+    (["--eval-only", "--rl-out", "x.jsonl"], "--eval-only writes no samples"),
+    (["--eval-only", "--out", "x.jsonl"], "--eval-only writes no samples"),
+    (["--out", "o/kept.jsonl", "--report", "o/kept.pass.jsonl"], "--report o/kept.pass.jsonl: is one of the files"),
+    (["--eval-only", "--report", "."], "--report .: is a folder"),
     (["--out", "o/kept.jsonl", "--rl-out", "o/kept.pass.jsonl"], "--rl-out o/kept.pass.jsonl: is one of the files of --out"),
     (["--out", "o/kept.jsonl", "--rl-out", "."], "--rl-out .: is a folder"),
     ([], "--out is required"),

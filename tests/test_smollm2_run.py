@@ -69,3 +69,10 @@ def test_quick_run_on_a_tiny_chat_model(tiny_dir, tmp_path):
     assert all(p["questions"] == 4 and p["right"] in (0, 0.25, 0.5, 0.75, 1) for p in probes)
     assert "quick smoke test" in md and md.count("- step ") == 8  # 4 samples at the first and the last step
     assert [r["step"] for r in run.curves(out / "grpo")] == [1, 2]
+    # the evaluations write their reports and nothing else (no empty sample files), and no log
+    # points to training on samples that were never kept
+    assert sorted(os.listdir(out / "eval")) == ["after.report.json", "before.report.json",
+                                                "probe-after.json", "probe-before.json"]
+    assert not any("sft.py" in open(out / "logs" / f).read() for f in os.listdir(out / "logs"))
+    assert done.stdout.strip().splitlines()[-1] == f"wrote {out}/card.md, {out}/card.json" + (
+        f", {out}/card.png" if (out / "card.png").exists() else "")

@@ -345,6 +345,9 @@ def test_quick_pipeline_end_to_end(tmp_path):
     md = (out / "card.md").read_text()
     assert md.startswith(pipe.SMOKE + "\n\n| stage | model | held-out pass@1 |") and "whole pipeline" in md
     assert "[pretrain] python sft.py --init scratch" in first.stdout
+    for name, stage in json.load(open(out / "stages.json")).items():  # no flag given twice (the last would win)
+        flags = [w for w in stage["command"].split() if w.startswith("--")]
+        assert len(flags) == len(set(flags)), (name, stage["command"])
     # run again: nothing changed, so every stage is reused and the card is the same
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]

