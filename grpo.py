@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 import rewards as R
-from nanor1 import checkpoints, common, models, sampling
+from nanor1 import checkpoints, common, distributed, models, sampling
 
 # flags whose change on --resume makes the run differ from an uninterrupted one (a warning names them)
 RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "warmup_steps", "grad_clip",
@@ -353,7 +353,7 @@ def prepare_models(args, model, device, resumed, state):
     if args.grad_checkpointing:
         models.enable_grad_checkpointing(model)
     if args.fsdp:
-        model = common.shard(model, device)
+        model = distributed.shard(model, device)
     ref = None
     if args.beta > 0 and not args.lora_rank:  # a frozen copy of the initial policy
         # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1. A resumed
@@ -368,7 +368,7 @@ def prepare_models(args, model, device, resumed, state):
             ref.load_state_dict(moved)
         ref.eval().requires_grad_(False)
         if args.fsdp:  # it has no backward pass, so nothing of it stays gathered
-            ref = common.shard(ref, device, keep_gathered=False)
+            ref = distributed.shard(ref, device, keep_gathered=False)
     model.train()
     return model, ref
 
@@ -383,7 +383,7 @@ def step_metrics(step, sampled, rewards_names, G):
         scored = R.score_many([r["text"] for r in sampled], [r["example"] for r in sampled], check)
         for x, (total, _, _) in zip(seen, scored):
             x["accuracy"] = total
-    seen = common.all_gather(seen)  # (rounds * P * G,) in rank order, groups whole
+    seen = distributed.all_gather(seen)  # (rounds * P * G,) in rank order, groups whole
     rewards_t = torch.tensor([x["reward"] for x in seen])
     record = {"step": step, "reward": rewards_t.mean().item()}
     for name in rewards_names:
@@ -426,7 +426,7 @@ def warn_about(record, args, last_warned):
     for key, message in out:
         if record["step"] - last_warned.get(key, -20) >= 20:
             last_warned[key] = record["step"]
-            common.print0(f"warning: {message}")
+            common.warn0(f"warning: {message}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -442,6 +442,7 @@ def train(args, stop=None):
     rank, world, device, dtype = common.start_run(args)
     rewards = R.parse_rewards(args.rewards)
     rewards_names = [name for name, _, _ in rewards]
+    score, checks = R.scorer(rewards), R.scorer("accuracy,format")  # training's rewards; evaluation's
     P, G = args.prompts_per_step, args.group
     Pr = P // world  # prompts per process
     num_micro = math.ceil(Pr * G / args.micro_batch_size)
@@ -482,7 +483,7 @@ def train(args, stop=None):
         with amp():
             ev = sampling.evaluate(sampler, tok, eval_examples, eval_ids, eos, eval_generator, args.eval_samples,
                                    args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                                   args.prompts_per_step, defaults, common.print0)
+                                   args.prompts_per_step, defaults, common.warn0, score=checks)
         log(step, {"step": step, **ev})
         common.print0(sampling.eval_line(step, ev))
 
@@ -504,7 +505,7 @@ def train(args, stop=None):
         # any process needs some
         sampled, batch, rounds = [], [], 0
         max_rounds = args.max_sampling_rounds if args.dynamic_sampling else 1
-        while rounds < max_rounds and common.all_sum([len(batch) < Pr * G], device)[0]:
+        while rounds < max_rounds and distributed.all_sum([len(batch) < Pr * G], device)[0]:
             rounds += 1
             idx = common.next_prompts(len(examples), data_state, P, args.seed)[rank * Pr:(rank + 1) * Pr]
             if len(batch) == Pr * G:
@@ -512,8 +513,8 @@ def train(args, stop=None):
             with amp():
                 rows = sampling.rollout(sampler, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
                                         args.max_new_tokens, args.temperature, args.top_p,
-                                        [] if args.ignore_eos else eos, rewards, generator, defaults,
-                                        warn=common.print0, timings=timings)  # (Pr * G,) prompt-major
+                                        [] if args.ignore_eos else eos, score, generator, defaults,
+                                        warn=common.warn0, timings=timings)  # (Pr * G,) prompt-major
             sampled += rows
             for g in range(Pr):
                 group = rows[g * G:(g + 1) * G]
@@ -524,7 +525,7 @@ def train(args, stop=None):
         # 2. the step's metrics, over every process's samples
         record = step_metrics(step, sampled, rewards_names, G)
         if args.dynamic_sampling:
-            record["rounds"], record["groups"] = rounds, int(common.all_sum([len(batch) // G], device)[0])
+            record["rounds"], record["groups"] = rounds, int(distributed.all_sum([len(batch) // G], device)[0])
 
         # 3. the update: advantages per group, then --num-iterations passes over the batch in
         # micro-batches, one optimizer step each
@@ -537,7 +538,7 @@ def train(args, stop=None):
         use = [not (args.mask_truncated and r["truncated"]) for r in batch]
         # the loss of each micro-batch is weighted so that the sum over micro-batches, and over
         # processes, is the loss of the whole step's batch under the chosen aggregation
-        total_tok, total_seq = common.all_sum([sum(len(r["completion"]) for r, u in zip(batch, use) if u),
+        total_tok, total_seq = distributed.all_sum([sum(len(r["completion"]) for r, u in zip(batch, use) if u),
                                                sum(use)], device)
         # sort by length so micro-batches hold completions of similar length: less padding
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]["completion"]))
@@ -581,7 +582,7 @@ def train(args, stop=None):
             skipped = skipped or not math.isfinite(gnorm)
         if sampler is not model:  # the next rollout samples from the weights just updated
             sampling.low_precision_copy(model, torch.bfloat16, sampler)
-        *totals, n_tok_logged, n_sampled = common.all_sum(
+        *totals, n_tok_logged, n_sampled = distributed.all_sum(
             [*sums.values(), n_tok_logged, sum(len(r["completion"]) for r in sampled)], device)
         for k, total in zip(sums, totals):  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
             record[k] = total / n_tok_logged if n_tok_logged else None
@@ -604,7 +605,7 @@ def train(args, stop=None):
 
         # 5. evaluate and save on their cadence, and at the end, or when a signal asked to stop
         last = step == args.num_steps
-        stopping = not last and common.all_sum([float("at" in stop)], device)[0] > 0  # all stop at one step
+        stopping = not last and distributed.all_sum([float("at" in stop)], device)[0] > 0  # all stop at one step
         if eval_examples and (last or (args.eval_every and step % args.eval_every == 0)):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last or stopping:
@@ -613,13 +614,13 @@ def train(args, stop=None):
             path = checkpoints.save_training_checkpoint(
                 args.out, step, model, opt, tok, flags,
                 {"data": dict(data_state),
-                 "ref": common.full_state_dict(ref) if ref is not None and args.ref_reset_every else None},
+                 "ref": distributed.full_state_dict(ref) if ref is not None and args.ref_reset_every else None},
                 [generator, eval_generator], args.save_total_limit, rank, args.save_optimizer)
         if stopping:
             common.stopped(step, path, flags)
             break
     finish()
-    common.end_distributed()
+    distributed.end_distributed()
     if stopping:
         sys.exit(130)  # not 0: whatever runs after this command must not take the run for finished
     return history

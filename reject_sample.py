@@ -43,6 +43,7 @@ import glob
 import json
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,7 +52,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import rewards as R
-from nanor1 import common, grader, models, sampling
+from nanor1 import common, distributed, grader, models, sampling
 
 # the reward that decides "correct", and the value that counts as correct
 CORRECT = {"accuracy": lambda v: v >= 1, "code": lambda v: v >= 1, "code_strict": lambda v: v >= 1,
@@ -476,7 +477,7 @@ def resume_files(args, files, examples, rank, world):
 def run(args):
     # objects only, over gloo: no GPU collective, no shared disk. The timeout is long
     # because process 0 waits at the end for the slowest process to finish sampling.
-    rank, world, device = common.init_distributed(args.device, backend="gloo", timeout_hours=24 * 7)
+    rank, world, device = distributed.init_distributed(args.device, backend="gloo", timeout_hours=24 * 7)
 
     def to_rank0(obj):
         """Every process's obj, in rank order, on process 0 (None on the others)."""
@@ -518,7 +519,7 @@ def run(args):
               + (f"; {earlier} prompts done by an earlier run" if earlier else ""))
 
     # the loop: sample a batch, score it, judge each prompt, append its lines
-    warn = tqdm.write if world == 1 else lambda message: tqdm.write(f"[process {rank}] {message}")
+    warn = lambda message: tqdm.write(message if world == 1 else f"[process {rank}] {message}", file=sys.stderr)  # noqa: E731
     session = []  # pass records of the prompts this process judged in this run
     bar = common.progress(None, total=len(mine), initial=sum(i in done for i in mine),
                           desc="prompts" if world == 1 else "prompts of process 0")
@@ -533,8 +534,8 @@ def run(args):
             seed = int(np.random.SeedSequence([args.seed, batch[0]]).generate_state(1)[0])
             generator = torch.Generator(device=device).manual_seed(seed)
             rows = sampling.rollout(model, tok, [examples[i] for i in batch], [prompt_ids[i] for i in batch], k,
-                                    args.max_new_tokens, args.temperature, args.top_p, eos, rewards, generator,
-                                    {"lang": args.lang}, warn)  # (P*k,) rows, prompt-major
+                                    args.max_new_tokens, args.temperature, args.top_p, eos, R.scorer(rewards),
+                                    generator, {"lang": args.lang}, warn)  # (P*k,) rows, prompt-major
             judged = list(pool.map(lambda j: judge_prompt(batch[j], examples[batch[j]], rows[j * k:(j + 1) * k],
                                                           args, correct_name), todo))
             if files:
@@ -569,7 +570,7 @@ def run(args):
         if world > 1:
             dist.barrier()  # the merged pair is on disk: the shards can go
             remove([files["kept_shard"], files["pass_shard"]])
-    common.end_distributed()  # every process past the removal, then the group is left
+    distributed.end_distributed()  # every process past the removal, then the group is left
     if rank != 0:
         return None
 

@@ -179,3 +179,10 @@ def score_many(completions, examples, rewards):
     in child processes, so a group of 16 is scored in parallel rather than in turn."""
     with ThreadPoolExecutor(max_workers=min(len(completions), 2 * (os.cpu_count() or 1)) or 1) as pool:
         return list(pool.map(lambda ce: score(ce[0], ce[1], rewards), zip(completions, examples)))
+
+
+def scorer(rewards):
+    """A spec ("accuracy,format:0.5") or parse_rewards' list -> score(completions, examples),
+    score_many with these rewards: what the sampling engine (nanor1/sampling.py) is handed."""
+    rewards = parse_rewards(rewards) if isinstance(rewards, str) else rewards
+    return lambda completions, examples: score_many(completions, examples, rewards)

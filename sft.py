@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from nanor1 import checkpoints, common, models, sampling
+import rewards as R
+from nanor1 import checkpoints, common, distributed, models, sampling
 
 # flags whose change on --resume makes the run differ from an uninterrupted one (a warning names them)
 RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "warmup_steps", "grad_clip",
@@ -435,7 +436,7 @@ def load_data(args, tok, end_id):
             common.print0(f"--max-len {args.max_len}, {name}: {c['cut']} completions cut (no end token learnt from "
                           f"them), {c['dropped']} examples dropped (the prompt alone fills it), {c['split']} texts split")
             if c["cut"] + c["dropped"] > 0.1 * c["examples"]:
-                common.print0(f"warning: over 10% of the {name} examples are longer than --max-len {args.max_len}; "
+                common.warn0(f"warning: over 10% of the {name} examples are longer than --max-len {args.max_len}; "
                               "raise it")
     return train_set, counts, val_set, val_counts
 
@@ -492,8 +493,8 @@ def train(args, stop=None):
     if args.grad_checkpointing:
         models.enable_grad_checkpointing(model)
     if args.fsdp:  # each process keeps 1/N of the weights, gradients and AdamW state, and of the teacher
-        model = common.shard(model, device)
-        teacher = common.shard(teacher, device, keep_gathered=False) if teacher is not None else None
+        model = distributed.shard(model, device)
+        teacher = distributed.shard(teacher, device, keep_gathered=False) if teacher is not None else None
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
@@ -523,7 +524,8 @@ def train(args, stop=None):
             with amp():
                 record.update(sampling.evaluate(model, tok, eval_examples, eval_ids, eos, generator, args.eval_samples,
                                                 args.max_new_tokens, args.eval_temperature, args.eval_top_p,
-                                                args.micro_batch_size, warn=common.print0))
+                                                args.micro_batch_size, warn=common.warn0,
+                                                score=R.scorer("accuracy,format")))
             common.print0(sampling.eval_line(step, record))
         model.train()
         if len(record) > 1:
@@ -552,11 +554,11 @@ def train(args, stop=None):
         # so the gradient (summed over processes too) is the whole batch's however it is split
         micro = [collate([train_set[i] for i in batch[s:s + args.micro_batch_size]], tok.pad_token_id, device)
                  for s in range(0, len(batch), args.micro_batch_size)]  # (ids, attn, mask), each (b, L)
-        n_total = int(common.all_sum([sum(int(mask.sum()) for _, _, mask in micro)], device)[0])  # trained tokens
+        n_total = int(distributed.all_sum([sum(int(mask.sum()) for _, _, mask in micro)], device)[0])  # trained tokens
         n_real, n_padded = sum(int(attn.sum()) for _, attn, _ in micro), sum(attn.numel() for _, attn, _ in micro)
         if args.fsdp:  # FSDP's gathers need every process in every pass: the short ones pass over nothing
             ids, attn, mask = collate([train_set[0]], tok.pad_token_id, device)
-            micro += [(ids, attn, mask * 0)] * (int(max(common.all_gather([len(micro)]))) - len(micro))
+            micro += [(ids, attn, mask * 0)] * (int(max(distributed.all_gather([len(micro)]))) - len(micro))
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         opt.zero_grad(set_to_none=True)
         for ids, attn, mask in micro:
@@ -570,7 +572,7 @@ def train(args, stop=None):
             sums["kd"] += kd.item() if kd is not None else 0.0
         gnorm = common.optimizer_step(model, opt, args.grad_clip, step)  # summed over processes, clipped
         bad_steps = 0 if math.isfinite(gnorm) else bad_steps + 1
-        *totals, n_real, n_padded = common.all_sum([*sums.values(), n_real, n_padded], device)
+        *totals, n_real, n_padded = distributed.all_sum([*sums.values(), n_real, n_padded], device)
         sums = dict(zip(sums, totals))
         seconds = common.clock(device) - t0
 
@@ -588,7 +590,7 @@ def train(args, stop=None):
 
         # evaluate and save on their cadence, and at the end, or when a signal asked to stop
         last = step == num_steps
-        stopping = not last and common.all_sum([float("at" in stop)], device)[0] > 0  # all stop at one step
+        stopping = not last and distributed.all_sum([float("at" in stop)], device)[0] > 0  # all stop at one step
         if last or (args.eval_every and step % args.eval_every == 0):
             run_eval(step)
         if (args.save_every and step % args.save_every == 0) or last or stopping:
@@ -598,7 +600,7 @@ def train(args, stop=None):
             common.stopped(step, path, flags)
             break
     finish()
-    common.end_distributed()
+    distributed.end_distributed()
     if stopping:
         sys.exit(130)  # not 0: whatever runs after this command must not take the run for finished
     return history

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanor1.common import UserError, all_gather, full_state_dict, is_sharded, print0
+from nanor1.common import UserError, print0, warn0
+from nanor1.distributed import all_gather, full_state_dict, is_sharded
 from nanor1.models import is_lora, merged_state_dict
 
 # ----------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def resume_from(out, resume, flags, checked):
     changed = [f"--{k.replace('_', '-')} {state['flags'][k]} -> {v}" for k, v in flags.items()
                if k in checked and state["flags"].get(k) != v]
     if changed:
-        print0(f"warning: resuming with changed flags ({'; '.join(changed)}): the run goes on, but not as "
+        warn0(f"warning: resuming with changed flags ({'; '.join(changed)}): the run goes on, but not as "
                "the uninterrupted one would have")
     return path, state
 

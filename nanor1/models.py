@@ -7,9 +7,12 @@ offline, for the tests and the miniature. add_lora wraps a model in peft's adapt
 (optional, imported only then).
 """
 
+import contextlib
+import functools
 import importlib
 import os
 import re
+import sys
 
 import torch
 
@@ -82,7 +85,8 @@ def load_model(name, device=torch.device("cpu"), dtype=torch.float32, tokenizer=
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **gguf) if tokenizer else None
         return model, tok
 
-    model, tok = fetch(f"model '{name}'", kind, where, load)
+    with no_bars_in_logs(bool(gguf)):
+        model, tok = fetch(f"model '{name}'", kind, where, load)
     if gguf:  # dequantised on loading: a plain float model, saved as one (transformers would refuse)
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
@@ -205,6 +209,31 @@ def hub_unreachable():
     return None
 
 
+@contextlib.contextmanager
+def no_bars_in_logs(gguf=False):
+    """Bars that transformers' own switch does not reach, off unless both output streams are a
+    terminal (as common.progress decides): the GGUF reader's "Converting and de-quantizing"
+    bar and the hub client's download bars. Redrawn with carriage returns into a log file
+    (`> log`), they would break its one line a step."""
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+
+    reader = importlib.import_module("transformers.modeling_gguf_pytorch_utils") if gguf else None
+    bar, hub_bars = getattr(reader, "tqdm", None), not hub_utils.are_progress_bars_disabled()
+    if bar is not None:
+        reader.tqdm = functools.partial(bar, disable=True)
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader.tqdm = bar
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+
+
 def first_line(e, limit=200):
     """An exception's first line (the hub client's messages run to many), or its type's name.
     A line over `limit` characters is cut after its first sentence, or else at a word, with
@@ -293,8 +322,9 @@ def load_tokenizer(name):
         where = local_folder(f"tokenizer '{name}'", name, where,
                              ["tokenizer_config.json", "tokenizer.json", "config.json"])
     where, gguf = gguf_file(name, kind, where)
-    tok = fetch(f"tokenizer '{name}'", kind, where,
-                lambda source, local_only: AutoTokenizer.from_pretrained(source, local_files_only=local_only, **gguf))
+    with no_bars_in_logs(bool(gguf)):
+        tok = fetch(f"tokenizer '{name}'", kind, where,
+                    lambda source, local_only: AutoTokenizer.from_pretrained(source, local_files_only=local_only, **gguf))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:

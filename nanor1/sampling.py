@@ -25,8 +25,8 @@ from copy import deepcopy
 
 import torch
 
-import rewards as R
-from nanor1.common import all_sum, append_jsonl, is_sharded
+from nanor1.common import append_jsonl
+from nanor1.distributed import all_sum, is_sharded
 
 # ----------------------------------------------------------------------------------------
 # sampling: G completions per prompt with a KV cache
@@ -145,12 +145,13 @@ def low_precision_copy(model, dtype, copy=None):
 
 
 def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p,
-            eos, rewards, generator, defaults, warn=print, timings=None):
+            eos, score, generator, defaults, warn=print, timings=None):
     """Sample `group` completions per example and score them -> list of per-completion dicts.
 
-    rewards: the list R.parse_rewards returns. defaults: fields the rewards fall back on
-    when an example lacks them (the language, the overlong buffer). timings: a dict whose
-    "sample" and "score" entries get the seconds each took added.
+    score(texts, contexts) -> [(total, {name: value}, [errors])]: the scoring, passed in by
+    the script (rewards.scorer("accuracy,format")), so this engine knows no reward. defaults:
+    fields the rewards fall back on when an example lacks them (the language, the overlong
+    buffer). timings: a dict whose "sample" and "score" entries get the seconds each took added.
     """
     t0 = time.time()
     out = sample(model, prompt_ids, group, max_new_tokens, eos, tok.pad_token_id,
@@ -164,7 +165,7 @@ def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature
     contexts = [{**defaults, **examples[i // group], "num_tokens": lengths[i], "max_tokens": max_new_tokens}
                 for i in range(len(ids))]
     rows = []
-    for i, (total, parts, errors) in enumerate(R.score_many(texts, contexts, rewards)):  # in parallel
+    for i, (total, parts, errors) in enumerate(score(texts, contexts)):
         ex = examples[i // group]
         for e in errors:
             warn(f"warning: {ex.get('_where', '?')}: {e}")
@@ -177,14 +178,14 @@ def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature
 
 
 def evaluate(model, tok, examples, prompt_ids, eos, generator, num_samples, max_new_tokens,
-             temperature=0.6, top_p=0.95, prompts_per_batch=8, defaults=None, warn=print):
+             temperature=0.6, top_p=0.95, prompts_per_batch=8, defaults=None, warn=print, *, score):
     """pass@1 averaged over `num_samples` samples per prompt (R1's protocol: temperature 0.6,
-    top-p 0.95), with the format rate, the truncation rate and the mean length in tokens."""
+    top-p 0.95), with the format rate, the truncation rate and the mean length in tokens.
+    score: as rollout's, giving the parts "accuracy" and "format" (rewards.scorer("accuracy,format"))."""
     acc = fmt = length = trunc = 0.0
-    checks = R.parse_rewards("accuracy,format")
     for s in range(0, len(examples), prompts_per_batch):
         rows = rollout(model, tok, examples[s:s + prompts_per_batch], prompt_ids[s:s + prompts_per_batch],
-                       num_samples, max_new_tokens, temperature, top_p, eos, checks, generator,
+                       num_samples, max_new_tokens, temperature, top_p, eos, score, generator,
                        defaults or {}, warn)
         for r in rows:
             acc, fmt = acc + r["parts"]["accuracy"], fmt + r["parts"]["format"]

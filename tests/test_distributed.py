@@ -17,7 +17,7 @@ import grpo
 import rewards as R
 import sft
 from conftest import digits
-from nanor1 import common, models, sampling
+from nanor1 import common, distributed, models, sampling
 
 
 def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p, eos, rewards,
@@ -57,8 +57,8 @@ def process(rank, world, port, script, argv, grads_path, fixed=True):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    init = common.init_distributed
-    common.init_distributed = lambda name, backend=None, timeout_hours=0: init(name, backend, 1 / 60)
+    init = distributed.init_distributed
+    distributed.init_distributed = lambda name, backend=None, timeout_hours=0: init(name, backend, 1 / 60)
     if fixed:
         sampling.rollout = fixed_rollout
     else:
@@ -259,7 +259,7 @@ def sharded_sampling(rank, world, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     model, tok = models.load_model(out["model"])
-    common.shard(model, torch.device("cpu"))
+    distributed.shard(model, torch.device("cpu"))
     eos = list(range(len(tok))) if rank == 0 else []
     got = sampling.sample(model, [[5, 6, 7], [8, 9]], 2, 6, eos, tok.pad_token_id,
                           generator=torch.Generator().manual_seed(rank))

@@ -8,6 +8,7 @@ template's end-of-turn token, and the checkpoint is a plain Hugging Face folder 
 back with the weights the run trained.
 """
 
+import contextlib
 import json
 import math
 
@@ -44,11 +45,13 @@ def run(gguf_path, questions, tmp_path_factory):
     """Two GRPO steps of grpo.py on the GGUF file -> (run folder, history). Reading the file
     takes 15 s on 2 cores, so the tests share this one run, and read its plain checkpoints."""
     out = tmp_path_factory.mktemp("smol") / "run"
-    history = grpo.main(["--model", gguf_path, "--data", str(questions), "--out", str(out), "--device", "cpu",
-                         "--template", "chat", "--rewards", "accuracy,format", "--num-steps", "2",
-                         "--prompts-per-step", "2", "--group", "4", "--max-new-tokens", "24", "--lr", "1e-5",
-                         "--sample-dtype", "bfloat16", "--eval-data", str(questions), "--eval-samples", "1",
-                         "--sample-every", "1", "--save-every", "1", "--save-optimizer", "0"])
+    log = out.parent / "grpo.log"  # both streams to a file, as `python grpo.py ... > grpo.log 2>&1` sends them
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        history = grpo.main(["--model", gguf_path, "--data", str(questions), "--out", str(out), "--device", "cpu",
+                             "--template", "chat", "--rewards", "accuracy,format", "--num-steps", "2",
+                             "--prompts-per-step", "2", "--group", "4", "--max-new-tokens", "24", "--lr", "1e-5",
+                             "--sample-dtype", "bfloat16", "--eval-data", str(questions), "--eval-samples", "1",
+                             "--sample-every", "1", "--save-every", "1", "--save-optimizer", "0"])
     return out, history
 
 
@@ -58,6 +61,8 @@ def test_grpo_steps_evaluation_and_checkpoint_on_the_real_model(run):
 
     out, history = run
     assert [h["step"] for h in history] == [1, 2]
+    log = open(out.parent / "grpo.log").read()  # one line a step: no bar redrawn into the log
+    assert "\r" not in log and "de-quantizing" not in log and log.count("step 2/2 | reward") == 1
     assert all(h["gnorm"] is not None and math.isfinite(h["gnorm"]) and h["gnorm"] > 0 for h in history)
     assert history[0]["kl"] == 0 and math.isfinite(history[1]["kl"])  # the reference is the policy at step 1
     evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_pass@1" in line]

@@ -185,7 +185,7 @@ def test_nothing_is_sampled_past_the_tokenizer(real):
     try:  # through rollout, as grpo.py, sft.py and reject_sample.py sample
         prompt = common.encode_prompt(QUESTION, tok, "chat")
         rows = sampling.rollout(model, tok, [{"prompt": QUESTION}], [prompt], 4, 16, 1.0, 1.0, [],
-                                R.parse_rewards("format"), torch.Generator().manual_seed(0), {})
+                                R.scorer("format"), torch.Generator().manual_seed(0), {})
     finally:
         handle.remove()
     assert [len(r["completion"]) for r in rows] == [16] * 4
@@ -220,7 +220,7 @@ def test_a_right_answer_scores_1_through_sampling_and_decoding(real):
     handle = force(model, script)
     try:
         rows = sampling.rollout(model, tok, [{"prompt": QUESTION, "answer": "42"}], [prompt], 1, 40, 1.0, 1.0,
-                                eos, R.parse_rewards("accuracy,format"), torch.Generator().manual_seed(0), {})
+                                eos, R.scorer("accuracy,format"), torch.Generator().manual_seed(0), {})
     finally:
         handle.remove()
     assert rows[0]["completion"] == script and not rows[0]["truncated"]

