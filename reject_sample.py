@@ -578,6 +578,13 @@ def run(args):
     # --max-prompts shrank since), or with --eval-only over this run's prompts
     report = summarize(records, args.rl_range)
     print("\n".join(report_lines(report, args.rl_range)))
+    write_outputs(args, files, records, report)
+    return report
+
+
+def write_outputs(args, files, records, report):
+    """The run's last files, each said in a line: --report's json, the report beside the kept
+    samples (with the sft.py command that trains on them, or why there are none), --rl-out."""
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         write_atomic(args.report, json.dumps(report, indent=2) + "\n")
@@ -589,16 +596,14 @@ def run(args):
                   f"{files['pass']}; train on them with python sft.py --data {files['kept']} --template "
                   f"{args.template} ...")
         else:  # an empty file is no SFT data: say why nothing was kept, not how to train on it
-            dropped = {why: sum(r["dropped"][why] for r in records) for why in REASONS}
             print(f"kept no sample: {files['kept']} is empty (dropped: "
-                  + ", ".join(f"{why} {n}" for why, n in dropped.items() if n) + f"); wrote {files['pass']}")
+                  + ", ".join(f"{why} {n}" for why, n in report["dropped"].items() if n) + f"); wrote {files['pass']}")
     if args.rl_out:
         lo, hi = args.rl_range
         picked = [r for r in records if lo < r["pass_rate"] < hi]
         os.makedirs(os.path.dirname(os.path.abspath(args.rl_out)), exist_ok=True)
         write_atomic(args.rl_out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked))
         print(f"wrote {args.rl_out}: {len(picked)} prompts with {lo} < pass rate < {hi}")
-    return report
 
 
 def print_samples(args):

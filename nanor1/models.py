@@ -236,15 +236,17 @@ def no_bars_in_logs(gguf=False):
 
 def first_line(e, limit=200):
     """An exception's first line (the hub client's messages run to many), or its type's name.
-    A line over `limit` characters is cut after its first sentence, or else at a word, with
-    "...": never in the middle of a word."""
+    A line over `limit` characters is cut after its first sentence when that keeps at least
+    40 characters, else at the last space that keeps half of it, else at `limit`; a cut
+    other than at a sentence ends in " ...". A word is cut only when it is that long."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if len(text) <= limit:
         return text
-    end = text.find(". ")
+    end = text.find(". ", 40)
     if 0 < end < limit:
         return text[:end + 1]
-    return text[:limit - 4].rsplit(" ", 1)[0] + " ..."
+    space = text.rfind(" ", 0, limit - 3)
+    return text[:space if space >= limit // 2 else limit - 4] + " ..."
 
 
 def packaged_file(name):

@@ -20,6 +20,7 @@ does not depend on when the others end.
 """
 
 import functools
+import sys
 import time
 from copy import deepcopy
 
@@ -145,14 +146,16 @@ def low_precision_copy(model, dtype, copy=None):
 
 
 def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p,
-            eos, score, generator, defaults, warn=print, timings=None):
+            eos, score, generator, defaults, warn=None, timings=None):
     """Sample `group` completions per example and score them -> list of per-completion dicts.
 
     score(texts, contexts) -> [(total, {name: value}, [errors])]: the scoring, passed in by
     the script (rewards.scorer("accuracy,format")), so this engine knows no reward. defaults:
     fields the rewards fall back on when an example lacks them (the language, the overlong
-    buffer). timings: a dict whose "sample" and "score" entries get the seconds each took added.
+    buffer). warn: prints a reward's error (on stderr when None). timings: a dict whose
+    "sample" and "score" entries get the seconds each took added.
     """
+    warn = warn or functools.partial(print, file=sys.stderr)
     t0 = time.time()
     out = sample(model, prompt_ids, group, max_new_tokens, eos, tok.pad_token_id,
                  temperature, top_p, generator, vocab=len(tok))
@@ -178,7 +181,7 @@ def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature
 
 
 def evaluate(model, tok, examples, prompt_ids, eos, generator, num_samples, max_new_tokens,
-             temperature=0.6, top_p=0.95, prompts_per_batch=8, defaults=None, warn=print, *, score):
+             temperature=0.6, top_p=0.95, prompts_per_batch=8, defaults=None, warn=None, *, score):
     """pass@1 averaged over `num_samples` samples per prompt (R1's protocol: temperature 0.6,
     top-p 0.95), with the format rate, the truncation rate and the mean length in tokens.
     score: as rollout's, giving the parts "accuracy" and "format" (rewards.scorer("accuracy,format"))."""

@@ -318,11 +318,12 @@ def test_command_line_logs_one_step_a_line_when_redirected_and_fails_in_one_line
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--model", tiny_dir, "--data", str(data / "train.jsonl"),
            "--out", str(tmp_path / "cli"), "--num-steps", "3", "--prompts-per-step", "2", "--group", "2",
            "--max-new-tokens", "4", "--device", "cpu", "--eval-data", str(data / "train.jsonl"), "--eval-prompts", "2"]
-    ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    assert all(line.startswith("warning: ") for line in ok.stderr.splitlines()), ok.stderr
-    assert "\r" not in ok.stdout + ok.stderr
-    lines = ok.stdout.splitlines()
+    ok = subprocess.run(cmd, capture_output=True, env=env, timeout=120)  # bytes: text mode would turn "\r" into "\n"
+    out, err = ok.stdout.decode(), ok.stderr.decode()
+    assert ok.returncode == 0, err
+    assert all(line.startswith("warning: ") for line in err.splitlines()), err
+    assert "\r" not in out + err
+    lines = out.splitlines()
     steps = [line for line in lines if "| reward" in line]
     assert [line.split(" | ")[0] for line in steps] == ["step 1/3", "step 2/3", "step 3/3"]
     assert all(line.count("| reward") == 1 and line.endswith("s") for line in steps)

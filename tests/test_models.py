@@ -57,7 +57,7 @@ def test_unknown_model_is_one_clear_error(tmp_path):
     msg = str(e.value)
     assert "Qwen2.5-does-not-exist" in msg and "Qwen/Qwen2.5-does-not-exist" in msg and "tried" in msg
     assert "HF_HUB_OFFLINE=1: only the local cache was searched" in msg  # the tests run offline
-    assert msg.endswith("disabled.)")  # the hub client's reason ends at its first sentence, not mid-word
+    assert msg.endswith(".)") or msg.endswith(" ...)")  # the hub client's reason cut at a sentence or a word
     with pytest.raises(common.UserError, match="does not exist"):
         models.load_model(str(tmp_path / "missing-folder"))
 
@@ -65,11 +65,15 @@ def test_unknown_model_is_one_clear_error(tmp_path):
 def test_a_long_reason_is_cut_at_a_sentence_or_a_word():
     assert models.first_line(ValueError("short.\nsecond line")) == "short."
     assert models.first_line(ValueError()) == "ValueError"
-    long_sentences = "First sentence here. " + "x" * 300
-    assert models.first_line(ValueError(long_sentences)) == "First sentence here."
+    first = "The first sentence, which is long enough to stand alone. "
+    assert models.first_line(ValueError(first + "x" * 300)) == first.strip()
+    short = "Error no. 5 " + "y" * 300  # "Error no." is too short a sentence, the space too early: cut hard
+    assert models.first_line(ValueError(short), limit=50) == short[:46] + " ..."
     words = " ".join(["word"] * 60)  # 299 characters, no sentence end
     cut = models.first_line(ValueError(words), limit=50)
     assert cut == " ".join(["word"] * 9) + " ..." and len(cut) <= 50
+    path = "/" + "p" * 300  # one long word: cut hard, still under the limit
+    assert models.first_line(ValueError(f"no file {path}"), limit=50) == f"no file {path}"[:46] + " ..."
 
 
 def test_local_folder_and_bare_ids(tiny_dir):

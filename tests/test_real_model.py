@@ -61,7 +61,7 @@ def test_grpo_steps_evaluation_and_checkpoint_on_the_real_model(run):
 
     out, history = run
     assert [h["step"] for h in history] == [1, 2]
-    log = open(out.parent / "grpo.log").read()  # one line a step: no bar redrawn into the log
+    log = open(out.parent / "grpo.log", newline="").read()  # as written: "\r" not turned into "\n"
     assert "\r" not in log and "de-quantizing" not in log and log.count("step 2/2 | reward") == 1
     assert all(h["gnorm"] is not None and math.isfinite(h["gnorm"]) and h["gnorm"] > 0 for h in history)
     assert history[0]["kl"] == 0 and math.isfinite(history[1]["kl"])  # the reference is the policy at step 1
