@@ -77,19 +77,19 @@ def check_ranges(parser, args, at_least_1=(), at_least_0=()):
                 parser.error(f"--{name.replace('_', '-')} must be {words}")
 
 
-def print0(message):
+def print0(message, file=None):
     """Print on process 0 alone (the others stay quiet), above the progress bar when one runs,
-    at once (a log file that is followed with tail -f sees each line as it comes)."""
+    at once (a log file that is followed with tail -f sees each line as it comes); to stdout,
+    or to `file`."""
     if int(os.environ.get("RANK", "0")) == 0:
-        tqdm.write(str(message))
-        sys.stdout.flush()
+        file = file or sys.stdout
+        tqdm.write(str(message), file=file)
+        file.flush()
 
 
 def warn0(message):
     """print0 for a warning: on stderr, so that stdout stays the run's log, one line a step."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        tqdm.write(str(message), file=sys.stderr)
-        sys.stderr.flush()
+    print0(message, file=sys.stderr)
 
 
 def progress(iterable, **kwargs):

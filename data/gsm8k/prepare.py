@@ -42,11 +42,9 @@ def read_rows(path):
                 continue
             try:
                 rows.append((f"{path}:{n}", json.loads(line.rstrip(b"\r\n"))))  # bytes: a BOM or bad UTF-8 too
-            except ValueError as e:  # a cut line says where it ends, as nanoR1's own jsonl reader does
-                cut = getattr(e, "pos", 0) >= len(line.rstrip(b"\r\n"))
-                where = (f"; the line ends at column {e.colno - 1}, the JSON unfinished" if cut
-                         else f" at column {e.colno}" if hasattr(e, "colno") else "")
-                sys.exit(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)}{where})")
+            except ValueError as e:  # a JSONDecodeError has a column; bad UTF-8 has none
+                sys.exit(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)}"
+                         + (f" at column {e.colno})" if hasattr(e, "colno") else ")"))
     if not rows:
         sys.exit(f"{path}: no records")
     return rows
