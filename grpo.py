@@ -13,7 +13,10 @@ gradient. Watch reward, KL and grad norm to see that training happens, not the l
 Deliberate simplifications:
 - one optimizer step per pass over the batch of samples (--num-iterations passes);
 - old log-probs are the first pass's own log-probs, detached: the weights have not moved
-  yet, so they equal the sampling policy's and cost no extra forward pass;
+  yet, so they equal the sampling policy's and cost no extra forward pass (but for
+  rounding, or a bfloat16 sampler's difference: both logged every step, --tis corrects);
+- --top-entropy ranks tokens by the sampler's entropies (the policy before the update),
+  the threshold taken over the whole step's batch, every process's tokens;
 - top-p truncation is ignored in the log-probs (as in TRL); temperature is not;
 - several processes are plain data parallelism: each samples --prompts-per-step / N of
   the prompts (whole groups) and every process holds the whole model; the gradients are
@@ -26,8 +29,13 @@ Deliberate simplifications:
 - --lora-rank trains adapters on a frozen base (peft); its checkpoints are the merged model,
   with the adapters in adapter/ for --resume.
 
-Variants are flags: Dr. GRPO (--scale none --agg seq-sum), DAPO (--clip-high 0.28
---agg token-mean --dynamic-sampling --beta 0), truncation masking (--mask-truncated).
+Variants are flags, each one's lines naming its paper: Dr. GRPO (--scale none --agg seq-sum),
+DAPO (--clip-high 0.28 --agg token-mean --dynamic-sampling --beta 0), GSPO (--ratio-level
+sequence), CISPO, SAPO, plain policy gradient (--objective cispo, sapo, pg), RLOO (--baseline
+loo), REINFORCE++-baseline (--scale batch), dual clip (--clip-c 3), high-entropy tokens only
+(--top-entropy 0.2), truncation masking (--mask-truncated), truncated importance sampling
+for a bfloat16 sampler (--tis 2). At --num-iterations 1 every ratio is 1 and the clip, GSPO,
+CISPO, SAPO and pg objectives take the same step: they part ways only off policy.
 
     python grpo.py --model Qwen2.5-0.5B --group 8 --data data/gsm8k/train.jsonl
     python grpo.py --model out/tiny --data train.jsonl --device cpu --max-new-tokens 64
@@ -44,22 +52,21 @@ exactly as an uninterrupted one would have (bitwise on CPU; tests/test_resume.py
 
 import argparse
 import contextlib
-import copy
 import functools
 import math
 import os
 import sys
 
-import numpy as np
 import torch
 
 import rewards as R
-from nanor1 import checkpoints, common, distributed, models, sampling
+from nanor1 import checkpoints, common, distributed, models, sampling, steplog
 
 # flags whose change on --resume makes the run differ from an uninterrupted one (a warning names them)
 RESUME_CHECKED = ["model", "data", "template", "seed", "lr", "weight_decay", "warmup_steps", "grad_clip",
                   "prompts_per_step", "group", "temperature", "top_p", "rewards", "beta", "kl", "scale", "agg",
-                  "num_iterations", "lr_schedule", "min_lr_ratio"]
+                  "num_iterations", "lr_schedule", "min_lr_ratio", "objective", "ratio_level", "clip_low", "clip_high",
+                  "clip_c", "sapo_tau_pos", "sapo_tau_neg", "baseline", "top_entropy", "tis", "tis_level", "sample_dtype"]
 
 
 def get_args(argv=None):
@@ -102,9 +109,34 @@ def get_args(argv=None):
     # loss
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference model is loaded")
     p.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
-    p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low; >= 1 = never (R1: 10)")
-    p.add_argument("--clip-high", type=float, default=0.2, help="ratio clipped above at 1 + clip-high (DAPO: 0.28)")
-    p.add_argument("--scale", default="std", choices=["std", "none"], help="advantage scaling; none = Dr. GRPO")
+    p.add_argument("--objective", default="clip", choices=["clip", "cispo", "sapo", "pg"],
+                   help="policy term: PPO's clipped surrogate (GRPO), CISPO's clipped detached weight on log pi, "
+                        "SAPO's soft gate, or plain policy gradient -A log pi")
+    p.add_argument("--ratio-level", default="token", choices=["token", "sequence"],
+                   help="importance ratio per token, or one per completion, the geometric mean of its tokens' (GSPO)")
+    p.add_argument("--clip-low", type=float, default=None,
+                   help="ratio clipped below at 1 - clip-low; >= 1 = never (R1: 10); default 0.2, GSPO's 3e-4 with "
+                        "--ratio-level sequence, none (1) with --objective cispo")
+    p.add_argument("--clip-high", type=float, default=None,
+                   help="ratio clipped above at 1 + clip-high (DAPO: 0.28); default 0.2, GSPO's 4e-4 with "
+                        "--ratio-level sequence, 4 (a weight of at most 5) with --objective cispo")
+    p.add_argument("--clip-c", type=float, default=0.0,
+                   help="dual clip: with a negative advantage the per-token loss is capped at C x |A| (verl: 3); 0 = off")
+    p.add_argument("--sapo-tau-pos", type=float, default=None, help="--objective sapo: gate temperature for A > 0 (1.0)")
+    p.add_argument("--sapo-tau-neg", type=float, default=None, help="--objective sapo: gate temperature for A < 0 (1.05)")
+    p.add_argument("--baseline", default="mean", choices=["mean", "loo"],
+                   help="what a reward is compared with: its group's mean, or the mean of the other G-1 (RLOO)")
+    p.add_argument("--scale", default="std", choices=["std", "batch", "none"],
+                   help="advantage divided by the group's std, the whole batch's (REINFORCE++-baseline), or not "
+                        "(Dr. GRPO)")
+    p.add_argument("--top-entropy", type=float, default=1.0,
+                   help="policy gradient only on the tokens whose entropy is in the batch's top share Q (paper: 0.2); "
+                        "1 = all")
+    p.add_argument("--tis", type=float, default=0.0,
+                   help="with --sample-dtype bfloat16: weight each token's policy term by pi_old / pi_sampler "
+                        "truncated at C (truncated importance sampling; 2 is common); 0 = off")
+    p.add_argument("--tis-level", default="sequence", choices=["sequence", "token"],
+                   help="--tis weight: one per completion, the product of its tokens' ratios, truncated; or per token")
     p.add_argument("--agg", default="seq-mean", choices=["seq-mean", "token-mean", "seq-sum"],
                    help="loss aggregation: paper, DAPO, Dr. GRPO (divides by --max-new-tokens)")
     p.add_argument("--num-iterations", type=int, default=1, help="updates per batch of samples (mu)")
@@ -156,11 +188,35 @@ def get_args(argv=None):
                                   "eval_samples", "max_sampling_rounds"],
                         ["warmup_steps", "eval_every", "eval_prompts", "save_every", "save_total_limit", "sample_every",
                          "ref_reset_every", "max_bad_steps", "lr", "weight_decay", "grad_clip", "beta", "clip_low", "clip_high",
-                         "eval_temperature"])
+                         "clip_c", "tis", "eval_temperature"])
     if args.temperature <= 0:
         p.error("--temperature must be > 0: greedy groups have no variance, and log-probs divide by it")
     if not 0 < args.top_p <= 1 or not 0 < args.eval_top_p <= 1:
         p.error("--top-p and --eval-top-p must be in (0, 1]")
+    # the variants: the clip range each paper used unless given, and the mixtures that mean nothing
+    lo, hi = (1.0, 4.0) if args.objective == "cispo" else (3e-4, 4e-4) if args.ratio_level == "sequence" else (0.2, 0.2)
+    if args.objective in ("sapo", "pg") and (args.clip_low is not None or args.clip_high is not None):
+        p.error(f"--clip-low and --clip-high: --objective {args.objective} has no clip range")
+    args.clip_low = lo if args.clip_low is None else args.clip_low
+    args.clip_high = hi if args.clip_high is None else args.clip_high
+    if args.ratio_level == "sequence" and args.objective != "clip":
+        p.error(f"--ratio-level sequence is GSPO's form of the clipped objective, not of --objective {args.objective}")
+    if args.clip_c and (args.objective != "clip" or args.clip_c <= 1):
+        p.error("--clip-c caps the clipped objective's loss at C |A|: it needs --objective clip and C > 1")
+    if args.objective != "sapo" and (args.sapo_tau_pos is not None or args.sapo_tau_neg is not None):
+        p.error("--sapo-tau-pos and --sapo-tau-neg are the gate temperatures of --objective sapo")
+    args.sapo_tau_pos = 1.0 if args.sapo_tau_pos is None else args.sapo_tau_pos
+    args.sapo_tau_neg = 1.05 if args.sapo_tau_neg is None else args.sapo_tau_neg
+    if args.sapo_tau_pos <= 0 or args.sapo_tau_neg <= 0:
+        p.error("--sapo-tau-pos and --sapo-tau-neg must be > 0")
+    if args.objective == "pg" and args.num_iterations > 1:
+        p.error("--objective pg has no importance ratio: passes after the first would train off-policy, uncorrected; "
+                "use --num-iterations 1")
+    if not 0 < args.top_entropy <= 1:
+        p.error("--top-entropy must be in (0, 1]: the share of tokens kept")
+    if args.tis and (args.sample_dtype == "same" or args.tis < 1):
+        p.error("--tis corrects for a sampler that is not the trained weights: it needs --sample-dtype bfloat16, "
+                "and C >= 1")
     if args.lora_rank < 0:
         p.error("--lora-rank must be 0 (off) or more")
     if args.ref_reset_every and args.beta == 0:
@@ -198,33 +254,40 @@ def get_args(argv=None):
 # the algorithm
 
 
-def group_advantages(rewards, group_size, scale="std", eps=1e-4):
-    """Each reward compared with its own group: (r - group mean) [/ (group std + eps)].
+def group_advantages(rewards, group_size, scale="std", baseline="mean", eps=1e-4):
+    """Each reward compared with its own group: (r - baseline) [/ scale].
 
-    rewards: (N,) ordered prompt-major (the G completions of prompt 0, then prompt 1, ...).
-    scale "std" is GRPO; "none" is Dr. GRPO (no division by std, which up-weights groups
-    that are nearly all right or all wrong). std is the unbiased sample std. A group whose
-    rewards are all equal gets advantage 0: it teaches nothing.
+    rewards: (N,) ordered prompt-major (the G completions of prompt 0, then prompt 1, ...);
+    float64 stays float64. A group whose rewards are all equal gets advantage 0: it teaches
+    nothing. The baseline, what a reward is compared with:
+      "mean"  the group's mean (GRPO, DeepSeekMath arXiv 2402.03300);
+      "loo"   the mean of the other G-1 rewards of the group (RLOO, arXiv 2402.14740):
+              r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) x (r_i - mean), an unbiased
+              baseline since it does not contain r_i itself.
+    The scale, what the difference is divided by:
+      "std"   the group's std (GRPO), plus eps;
+      "none"  nothing (Dr. GRPO, arXiv 2503.20783: the std up-weights groups that are
+              nearly all right or all wrong);
+      "batch" the std of the whole batch's rewards, plus eps (REINFORCE++-baseline, arXiv
+              2501.03262; "Lite PPO", arXiv 2508.08221: group mean, batch std).
+    Every std is the unbiased sample std.
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.float().view(-1, group_size)  # (P, G)
-    adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
+    r = rewards.view(-1, group_size).to(torch.promote_types(rewards.dtype, torch.float32))  # (P, G)
+    if baseline == "mean":
+        adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
+    elif baseline == "loo":  # RLOO, in the form whose all-equal groups give exactly 0
+        adv = (r - r.mean(dim=1, keepdim=True)) * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"baseline must be 'mean' or 'loo', not {baseline!r}")
     if scale == "std":
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":  # REINFORCE++-baseline / Lite PPO
+        adv = adv / (r.std() + eps)
     elif scale != "none":
-        raise ValueError(f"scale must be 'std' or 'none', not {scale!r}")
+        raise ValueError(f"scale must be 'std', 'batch' or 'none', not {scale!r}")
     return adv.view(-1)  # (N,)
-
-
-def pad_batch(prompts, completions, pad_id, device):
-    """Token-id lists -> prompt_ids, prompt_mask (B, Lp) padded on the left and
-    ids, mask (B, T) padded on the right: each micro-batch is padded only to its own lengths."""
-    prompt_ids, prompt_mask = sampling.left_pad(prompts, pad_id, device)
-    T = max(1, max(len(c) for c in completions))
-    ids = torch.tensor([c + [pad_id] * (T - len(c)) for c in completions], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completions], dtype=torch.long, device=device)
-    return prompt_ids, prompt_mask, ids, mask
 
 
 LOGIT_CHUNK = 2**24  # float32 entries of the logits turned into log-probs at once (64 MiB)
@@ -271,19 +334,75 @@ def completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1
     return logp, torch.cat(ents).masked_fill(mask == 0, 0.0)
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, beta=0.04,
-              kl="k3", agg="seq-mean", max_len=None):
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, beta=0.04, kl="k3",
+              agg="seq-mean", max_len=None, *, ratio_level="token", objective="clip", clip_c=0.0,
+              top_entropy=1.0, entropy=None, entropy_cut=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+              sampler_logp=None, tis=None, tis_level="sequence"):
     """Negative GRPO objective on a batch of completions -> (loss, metrics).
 
     logp, old_logp, ref_logp, mask: (B, T) per-token log-probs under the policy (with grad),
-    the sampling policy, the reference (None when beta is 0), and 1 on completion tokens.
-    adv: (B,) one advantage per completion, shared by all its tokens.
+    the policy before this step's updates (pi_old), the reference (None when beta is 0), and
+    1 on completion tokens. adv: (B,) one advantage per completion, shared by its tokens.
+    The keyword arguments are grpo.py's flags of the same names; at their defaults this is
+    DeepSeekMath's GRPO. entropy: (B, T) per-token entropies, for top_entropy < 1 (the kept
+    tokens are those at or above entropy_cut, by default the batch's (1 - top_entropy)
+    quantile). sampler_logp: (B, T) the log-probs of the policy that drew the tokens, when it
+    is not pi_old (a bfloat16 copy, an inference engine): logged, and with tis corrected.
     """
     mask = mask.bool()
-    ratio = torch.exp(logp - old_logp.detach())  # (B, T); = 1 in value when mu = 1, but not in gradient
     a = adv[:, None].to(logp.dtype)  # (B, 1)
+    log_ratio = logp - old_logp.detach()  # (B, T)
+    if ratio_level == "sequence":
+        # GSPO (arXiv 2507.18071): one ratio per completion, the geometric mean of its token
+        # ratios, s_i = exp(mean_t log(pi / pi_old)); every token carries s_i, so the clip
+        # keeps or drops a whole completion. Its gradient is s_i A_i mean_t grad log pi: the
+        # paper's GSPO and its GSPO-token form are the same here, advantages being per completion
+        n = mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+        log_ratio = (torch.where(mask, log_ratio, 0.0).sum(1, keepdim=True) / n).expand_as(logp)  # (B, T)
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', not {ratio_level!r}")
+    ratio = torch.exp(log_ratio)  # (B, T); = 1 in value when mu = 1, but not in gradient
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    per_token = -torch.min(ratio * a, clipped * a)  # (B, T); pessimistic bound, as in PPO
+    if objective == "clip":  # PPO's pessimistic bound (GRPO, DeepSeekMath arXiv 2402.03300)
+        per_token = -torch.min(ratio * a, clipped * a)  # (B, T)
+        if clip_c:  # dual clip (Ye et al. arXiv 1912.09729; verl's clip_ratio_c): with A < 0 the
+            # loss |A| max(r, clip(r)) grows without bound in r; it is capped at C |A|
+            per_token = torch.where(a < 0, torch.minimum(per_token, -clip_c * a), per_token)
+    elif objective == "cispo":
+        # CISPO (MiniMax-M1, arXiv 2506.13585): the clipped ratio is a detached weight on
+        # A log pi, so a token whose ratio is clipped still gets a gradient, only a bounded one
+        per_token = -clipped.detach() * a * logp
+    elif objective == "sapo":
+        # SAPO (arXiv 2511.20347): a soft gate instead of the clip, f(r) = 4/tau sigmoid(tau (r - 1)),
+        # with tau_neg > tau_pos so that updates from negative advantages fade sooner. Its
+        # gradient weight is 4 p (1 - p), p = sigmoid(tau (r - 1)): 1 on policy, -> 0 far off it
+        tau = torch.full_like(a, sapo_tau_neg).masked_fill(a > 0, sapo_tau_pos)  # (B, 1), in logp's dtype
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+    elif objective == "pg":
+        # plain policy gradient (REINFORCE; GPG, arXiv 2504.02546): -A log pi, no ratio, no
+        # clip; the floor the other objectives are measured against
+        per_token = -a * logp
+    else:
+        raise ValueError(f"objective must be clip, cispo, sapo or pg, not {objective!r}")
+    log_w = torch.where(mask, old_logp.detach() - sampler_logp, 0.0) if sampler_logp is not None else None
+    if tis:
+        # truncated importance sampling: the tokens came from pi_sampler, not pi_old, so the policy
+        # term (not the KL) is weighted by pi_old / pi_sampler, truncated at tis: per completion,
+        # the product of its tokens' ratios (unbiased, as "When Speed Kills Stability" argues and
+        # verl recommends), or per token (Yao et al.'s first form; biased, lower variance)
+        if tis_level == "sequence":
+            log_w = log_w.sum(1, keepdim=True).expand_as(logp)  # (B, T)
+        elif tis_level != "token":
+            raise ValueError(f"tis_level must be 'sequence' or 'token', not {tis_level!r}")
+        per_token = per_token * torch.exp(log_w).clamp(max=tis)  # (B, T)
+    keep = mask
+    if top_entropy < 1:
+        # the high-entropy minority (arXiv 2506.01939): the policy gradient flows only through
+        # the tokens whose entropy is in the batch's top `top_entropy`; the KL through all
+        if entropy_cut is None:
+            entropy_cut = torch.quantile(entropy[mask].float(), 1 - top_entropy) if mask.any() else 0.0
+        keep = mask & (entropy >= entropy_cut)
+        per_token = torch.where(keep, per_token, 0.0)
     kl_tok = torch.zeros_like(logp)
     if beta > 0:
         d = ref_logp - logp  # (B, T) log(pi_ref / pi_theta)
@@ -310,20 +429,28 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
     else:
         raise ValueError(f"agg must be seq-mean, token-mean or seq-sum, not {agg!r}")
 
-    with torch.no_grad():
+    with torch.no_grad():  # means over the batch's tokens
         n = mask.sum().clamp(min=1)
+        mean = lambda x: (x * mask).sum() / n
         was_clipped = ((ratio > 1 + clip_high) & (a > 0)) | ((ratio < 1 - clip_low) & (a < 0))
-        metrics = {
-            "kl": (kl_tok * mask).sum() / n,
-            "clip": (was_clipped & mask).sum() / n,
-            "ratio": (ratio * mask).sum() / n,
-        }
+        if objective == "cispo":  # the weight was cut, whatever the advantage's sign
+            was_clipped = (ratio > 1 + clip_high) | (ratio < 1 - clip_low)
+        metrics = {"kl": mean(kl_tok), "clip": mean(was_clipped), "ratio": mean(ratio)}
+        if clip_c:
+            metrics["clip_c"] = mean((a < 0) & (-torch.min(ratio * a, clipped * a) > -clip_c * a))
+        if sampler_logp is not None:  # the sampler against pi_old: mean |difference|, and k3's
+            d = (old_logp.detach() - sampler_logp).double()  # estimate of KL(pi_sampler || pi_old), in float64:
+            metrics.update(sampler_diff=mean(d.abs()), sampler_kl=mean(torch.expm1(d) - d))  # d is often ~1e-7
+        if tis:  # the tokens whose weight was truncated
+            metrics["tis_cut"] = mean(log_w > math.log(tis))
+        if top_entropy < 1:
+            metrics.update(entropy_kept=mean(keep), entropy_cut=torch.as_tensor(entropy_cut, dtype=torch.float))
     return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------
-# the run's pieces, in the order train() uses them: models and data, a step's metrics, its
-# log line and warnings (the data order is common.next_prompts, sampling is sampling.rollout)
+# the run's pieces: models and data (the data order is common.next_prompts, sampling is
+# sampling.rollout, a step's metrics, log line and warnings are in nanor1/steplog.py)
 
 
 def load_data(args, tok, model):
@@ -343,90 +470,6 @@ def load_data(args, tok, model):
         raise common.UserError(f"--overlong-buffer {args.overlong_buffer} is more than --max-new-tokens "
                                f"{args.max_new_tokens}, which the model's context allows")
     return examples, ids, eval_examples, eval_ids
-
-
-def prepare_models(args, model, device, resumed, state):
-    """The memory savers on the policy, then the frozen reference -> (policy, reference).
-    No reference at --beta 0, nor with LoRA: then the base with its adapters off is the
-    reference. Under FSDP each process keeps 1/N of the policy, its gradients and AdamW
-    state, and of the reference; the policy is sharded before the reference is loaded."""
-    if args.grad_checkpointing:
-        models.enable_grad_checkpointing(model)
-    if args.fsdp:
-        model = distributed.shard(model, device)
-    ref = None
-    if args.beta > 0 and not args.lora_rank:  # a frozen copy of the initial policy
-        # float32 weights under the same autocast as the policy: the KL is exactly 0 at step 1. A resumed
-        # policy has moved on: the reference is --model, or where --ref-reset-every moved it
-        moved = state["ref"] if state else None
-        if args.fsdp or (resumed and moved is None):
-            ref = models.load_model(args.model, torch.device("cpu") if args.fsdp else device, torch.float32,
-                                    tokenizer=False)[0]
-        else:
-            ref = copy.deepcopy(model)
-        if moved is not None:
-            ref.load_state_dict(moved)
-        ref.eval().requires_grad_(False)
-        if args.fsdp:  # it has no backward pass, so nothing of it stays gathered
-            ref = distributed.shard(ref, device, keep_gathered=False)
-    model.train()
-    return model, ref
-
-
-def step_metrics(step, sampled, rewards_names, G):
-    """The step's record of what was sampled, over every process's samples: the reward and
-    each part, accuracy (logged even when not trained on), length, truncation, zero_var."""
-    seen = [{"reward": r["reward"], "parts": r["parts"], "len": len(r["completion"]), "trunc": r["truncated"]}
-            for r in sampled]
-    if "accuracy" not in rewards_names and all("answer" in r["example"] for r in sampled):
-        check = R.parse_rewards("accuracy")  # e.g. under --rewards format
-        scored = R.score_many([r["text"] for r in sampled], [r["example"] for r in sampled], check)
-        for x, (total, _, _) in zip(seen, scored):
-            x["accuracy"] = total
-    seen = distributed.all_gather(seen)  # (rounds * P * G,) in rank order, groups whole
-    rewards_t = torch.tensor([x["reward"] for x in seen])
-    record = {"step": step, "reward": rewards_t.mean().item()}
-    for name in rewards_names:
-        record[name] = float(np.mean([x["parts"][name] for x in seen]))
-    if "accuracy" not in record and all("accuracy" in x for x in seen):
-        record["accuracy"] = float(np.mean([x["accuracy"] for x in seen]))
-    record["len"] = float(np.mean([x["len"] for x in seen]))
-    record["trunc"] = float(np.mean([x["trunc"] for x in seen]))
-    record["zero_var"] = (rewards_t.view(-1, G).std(dim=1) == 0).float().mean().item()  # groups that teach nothing
-    return record
-
-
-def log_line(record, args, rewards_names):
-    """The step's one line, its keys always in this order ('-' for what a step without an update lacks)."""
-    show = lambda value, spec: "-" if value is None else format(value, spec)
-    line = f"step {record['step']}/{args.num_steps} | reward {record['reward']:.3f}"
-    shown = rewards_names + ([] if "accuracy" in rewards_names else ["accuracy"])
-    line += "".join(f" | {name} {record[name]:.3f}" for name in shown if name in record)
-    line += f" | len {record['len']:.0f} | trunc {record['trunc']:.2f} | zero_var {record['zero_var']:.2f}"
-    if args.dynamic_sampling:
-        line += f" | rounds {record['rounds']} | groups {record['groups']}/{args.prompts_per_step}"
-    return line + (f" | kl {show(record['kl'], '.4f')} | clip {show(record['clip'], '.3f')}"
-                   f" | ent {show(record['entropy'], '.2f')} | gnorm {show(record['gnorm'], '.3f')}"
-                   f" | lr {record['lr']:.1e} | {record['tok/s']:.0f} tok/s | {record['s']:.1f}s")
-
-
-def warn_about(record, args, last_warned):
-    """Warn about the signs of a run that cannot learn that this step shows, each at most every
-    20 steps; last_warned: {sign: the step it was last warned about}."""
-    out = []
-    if record["trunc"] > 0.5:
-        out.append(("trunc", f"{record['trunc']:.0%} of completions hit --max-new-tokens {args.max_new_tokens} "
-                             "without ending; their rewards are usually 0: raise the limit"))
-    if args.dynamic_sampling and record["groups"] < args.prompts_per_step:
-        out.append(("rounds", f"only {record['groups']} of {args.prompts_per_step} groups had reward variance "
-                              f"after {record['rounds']} rounds (--max-sampling-rounds); the step trained on those"))
-    if record["zero_var"] > 0.5:
-        out.append(("zero_var", f"{record['zero_var']:.0%} of groups have equal rewards and teach nothing: the task "
-                                "is too hard or too easy; try a larger --group or --dynamic-sampling"))
-    for key, message in out:
-        if record["step"] - last_warned.get(key, -20) >= 20:
-            last_warned[key] = record["step"]
-            common.warn0(f"warning: {message}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -454,7 +497,8 @@ def train(args, stop=None):
     model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
     eos = models.eos_ids(model, tok)
     examples, prompt_ids, eval_examples, eval_ids = load_data(args, tok, model)
-    model, ref = prepare_models(args, model, device, resumed, state)
+    model, ref = models.policy_and_reference(model, args.model, device, resumed, state["ref"] if state else None,
+                                             args.beta > 0 and not args.lora_rank, args.fsdp, args.grad_checkpointing)
     common.print0(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} "
                   f"processes)" if world > 1 else "") + f", {num_micro} micro-batches of {args.micro_batch_size}, "
                   f"{args.num_iterations} update(s) per step, {args.num_steps} steps on {device} in "
@@ -513,8 +557,8 @@ def train(args, stop=None):
             with amp():
                 rows = sampling.rollout(sampler, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
                                         args.max_new_tokens, args.temperature, args.top_p,
-                                        [] if args.ignore_eos else eos, score, generator, defaults,
-                                        warn=common.warn0, timings=timings)  # (Pr * G,) prompt-major
+                                        [] if args.ignore_eos else eos, score, generator, defaults, warn=common.warn0,
+                                        timings=timings, entropy=args.top_entropy < 1)  # (Pr * G,) prompt-major
             sampled += rows
             for g in range(Pr):
                 group = rows[g * G:(g + 1) * G]
@@ -523,18 +567,24 @@ def train(args, stop=None):
                     batch += group
 
         # 2. the step's metrics, over every process's samples
-        record = step_metrics(step, sampled, rewards_names, G)
+        record = steplog.step_metrics(step, sampled, rewards_names, G, R.scorer("accuracy"))
         if args.dynamic_sampling:
             record["rounds"], record["groups"] = rounds, int(distributed.all_sum([len(batch) // G], device)[0])
 
         # 3. the update: advantages per group, then --num-iterations passes over the batch in
         # micro-batches, one optimizer step each
-        sums = {"kl": 0.0, "clip": 0.0, "ratio": 0.0, "entropy": 0.0}
+        sums = dict.fromkeys(["kl", "clip", "ratio", "entropy", "sampler_diff", "sampler_kl"]  # token-weighted
+                             + ["clip_c"] * bool(args.clip_c) + ["tis_cut"] * bool(args.tis)
+                             + ["entropy_kept"] * (args.top_entropy < 1), 0.0)
         n_tok_logged, gnorm, skipped = 0, float("nan"), False
         lr = common.lr_at(step, args.num_steps, args.lr, args.warmup_steps, args.min_lr_ratio, args.lr_schedule)
         for pg in opt.param_groups:
             pg["lr"] = lr
-        adv = group_advantages(torch.tensor([r["reward"] for r in batch]), G, args.scale).to(device) if batch else None
+        # advantages from every process's groups (--scale batch divides by the std of all of them)
+        everyone = distributed.all_gather([[r["reward"] for r in batch]])  # (world,) lists
+        mine = sum(len(x) for x in everyone[:rank])
+        adv = group_advantages(torch.tensor([x for part in everyone for x in part]), G, args.scale,
+                               args.baseline)[mine:mine + len(batch)].to(device)  # (Pr * G,)
         use = [not (args.mask_truncated and r["truncated"]) for r in batch]
         # the loss of each micro-batch is weighted so that the sum over micro-batches, and over
         # processes, is the loss of the whole step's batch under the chosen aggregation
@@ -545,10 +595,19 @@ def train(args, stop=None):
         micro = [order[s:s + args.micro_batch_size] for s in range(0, len(order), args.micro_batch_size)]
 
         def tensors(ix):  # (b, Lp) prompts padded on the left, (b, T) completions on the right
-            p_ids, p_mask, ids, mask = pad_batch([batch[i]["prompt"] for i in ix], [batch[i]["completion"] for i in ix],
-                                                 tok.pad_token_id, device)
+            p_ids, p_mask, ids, mask = sampling.pad_batch([batch[i]["prompt"] for i in ix],
+                                                          [batch[i]["completion"] for i in ix], tok.pad_token_id, device)
             keep = torch.tensor([use[i] for i in ix], device=device)
             return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
+
+        def per_token(key, ix):  # (b, T) what the sampler recorded for each token, 0 past the end
+            T = max(1, max(len(batch[i]["completion"]) for i in ix))
+            return torch.tensor([batch[i][key] + [0.0] * (T - len(batch[i][key])) for i in ix], device=device)
+
+        cut = None  # --top-entropy: the entropy of the batch's (1 - Q) quantile, every process's tokens
+        if args.top_entropy < 1:  # (the sampler's entropies: the policy's, before this step's update)
+            ents = distributed.all_gather([e for r, u in zip(batch, use) if u for e in r["entropy"]])
+            cut = torch.quantile(torch.tensor(ents), 1 - args.top_entropy).item() if ents else 0.0
 
         t_ref = clock()
         ref_logps = [None] * len(micro)
@@ -569,12 +628,16 @@ def train(args, stop=None):
                                                     with_entropy=True, vocab=len(tok))  # (b, T) each
                 if it == 0:  # pi_old: the weights that sampled, not yet updated
                     old_logps[j] = logp.detach()
-                loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low,
-                                    args.clip_high, args.beta, args.kl, args.agg, args.max_new_tokens)
+                loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low, args.clip_high,
+                                    args.beta, args.kl, args.agg, args.max_new_tokens, ratio_level=args.ratio_level,
+                                    objective=args.objective, clip_c=args.clip_c, top_entropy=args.top_entropy,
+                                    entropy=None if cut is None else per_token("entropy", ix), entropy_cut=cut,
+                                    sapo_tau_pos=args.sapo_tau_pos, sapo_tau_neg=args.sapo_tau_neg,
+                                    sampler_logp=per_token("sampler_logp", ix), tis=args.tis, tis_level=args.tis_level)
                 n_tok = int(mask.sum())
                 share = n_tok / total_tok if args.agg == "token-mean" else int((mask.sum(1) > 0).sum()) / total_seq
                 (loss * share).backward()
-                for k in ["kl", "clip", "ratio"]:
+                for k in [k for k in sums if k != "entropy"]:  # token-weighted means
                     sums[k] += m[k].item() * n_tok
                 sums["entropy"] += (ent * mask).sum().item()
                 n_tok_logged += n_tok
@@ -587,6 +650,8 @@ def train(args, stop=None):
         for k, total in zip(sums, totals):  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
             record[k] = total / n_tok_logged if n_tok_logged else None
         record.update({"gnorm": gnorm if math.isfinite(gnorm) else None, "lr": lr})
+        if cut is not None:
+            record["entropy_cut"] = cut
         t_end = clock()
         record["tok/s"] = n_sampled / (t_end - t0)  # generated tokens, all processes
         # where the step's time went (process 0's): sampling, scoring, the reference's log-probs, the update
@@ -594,12 +659,12 @@ def train(args, stop=None):
                        "update_s": t_end - t_update, "s": t_end - t0})
 
         # 4. log: one line, one jsonl record, warnings, a few completions to read
-        common.print0(log_line(record, args, rewards_names))
+        common.print0(steplog.log_line(record, args, rewards_names))
         log(step, record)
         history.append(record)
         bad_steps = bad_steps + 1 if skipped else 0
         common.stop_if_bad(bad_steps, args.max_bad_steps)
-        warn_about(record, args, last_warned)
+        steplog.warn_about(record, args, last_warned)
         if args.sample_every and step % args.sample_every == 0 and rank == 0:
             sampling.write_samples(os.path.join(args.out, "samples.jsonl"), step, sampled[:G])
 

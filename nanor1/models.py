@@ -8,6 +8,7 @@ offline, for the tests and the miniature. add_lora wraps a model in peft's adapt
 """
 
 import contextlib
+import copy
 import functools
 import importlib
 import os
@@ -486,3 +487,32 @@ def merged_state_dict(model):
             if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                 weights[f"{name}.weight"] = (module.base_layer.weight + module.get_delta_weight("default")).cpu()
     return weights
+
+
+def policy_and_reference(model, name, device, resumed, moved, need_ref, fsdp=False, grad_checkpointing=False):
+    """The memory savers on the policy, then the frozen reference -> (policy, reference or None).
+    need_ref: False at beta 0, and with LoRA, whose reference is the base with its adapters off.
+    The reference is a float32 copy of the policy as loaded, under the same autocast: the KL is
+    exactly 0 at step 1. A resumed policy has moved on: then the reference is `name` (--model)
+    loaded again, or `moved`, the state dict a reference reset left. Under FSDP each process
+    keeps 1/N of the policy, its gradients and AdamW state, and of the reference; the policy is
+    sharded before the reference is loaded."""
+    from nanor1 import distributed
+
+    if grad_checkpointing:
+        enable_grad_checkpointing(model)
+    if fsdp:
+        model = distributed.shard(model, device)
+    ref = None
+    if need_ref:
+        if fsdp or (resumed and moved is None):
+            ref = load_model(name, torch.device("cpu") if fsdp else device, torch.float32, tokenizer=False)[0]
+        else:
+            ref = copy.deepcopy(model)
+        if moved is not None:
+            ref.load_state_dict(moved)
+        ref.eval().requires_grad_(False)
+        if fsdp:  # it has no backward pass, so nothing of it stays gathered
+            ref = distributed.shard(ref, device, keep_gathered=False)
+    model.train()
+    return model, ref

@@ -209,7 +209,7 @@ def test_chunked_logprobs_and_their_gradients_equal_the_textbook_ones(tiny, monk
     model, tok = tiny
     prompts = tokens(tok, ["12 + 34 =", "the answer is 7", "1"])
     completions = [[40, 41, 42, 43], [50, 51], [60, 61, 62]]
-    p_ids, p_mask, ids, mask = grpo.pad_batch(prompts, completions, tok.pad_token_id, "cpu")
+    p_ids, p_mask, ids, mask = sampling.pad_batch(prompts, completions, tok.pad_token_id, "cpu")
     weights = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.7, 1.1, 0, 0], [-1.0, 2.0, 0.3, 0]])
 
     def grads(logp):
@@ -237,7 +237,7 @@ def test_completion_logprobs_equal_full_sequence_forward(sharp):
                           torch.Generator().manual_seed(0))
     lengths = out["mask"].sum(1).tolist()
     completions = [out["ids"][i, :lengths[i]].tolist() for i in range(6)]
-    p_ids, p_mask, ids, mask = grpo.pad_batch([prompts[i // 3] for i in range(6)], completions,
+    p_ids, p_mask, ids, mask = sampling.pad_batch([prompts[i // 3] for i in range(6)], completions,
                                                 tok.pad_token_id, "cpu")
     for temperature in [1.0, 0.7]:
         with torch.no_grad():

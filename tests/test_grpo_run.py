@@ -220,7 +220,7 @@ def test_dynamic_sampling_trains_only_on_groups_with_variance(tiny_dir, data, tm
     monkeypatch.setitem(R.REWARDS, "half", lambda c, ex: 0.0 if int(ex["answer"]) % 2 else digits(c, ex))
     seen = []
     real = grpo.group_advantages
-    monkeypatch.setattr(grpo, "group_advantages", lambda r, g, s: seen.append(r.view(-1, g)) or real(r, g, s))
+    monkeypatch.setattr(grpo, "group_advantages", lambda r, g, *a: seen.append(r.view(-1, g)) or real(r, g, *a))
     h = run(tiny_dir, data, tmp_path / "run", "--num-steps", "3", "--rewards", "half", "--dynamic-sampling",
             "--max-sampling-rounds", "6")
     for groups in seen:
