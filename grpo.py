@@ -32,10 +32,11 @@ Deliberate simplifications:
 Variants are flags, each one's lines naming its paper: Dr. GRPO (--scale none --agg seq-sum),
 DAPO (--clip-high 0.28 --agg token-mean --dynamic-sampling --beta 0), GSPO (--ratio-level
 sequence), CISPO, SAPO, plain policy gradient (--objective cispo, sapo, pg), RLOO (--baseline
-loo), REINFORCE++-baseline (--scale batch), dual clip (--clip-c 3), high-entropy tokens only
-(--top-entropy 0.2), truncation masking (--mask-truncated), truncated importance sampling
-for a bfloat16 sampler (--tis 2). At --num-iterations 1 every ratio is 1 and the clip, GSPO,
-CISPO, SAPO and pg objectives take the same step: they part ways only off policy.
+loo), Lite PPO and REINFORCE++-baseline (--scale batch, batch-centred), dual clip (--clip-c
+3), high-entropy tokens only (--top-entropy 0.2), truncation masking (--mask-truncated),
+truncated importance sampling for a bfloat16 sampler (--tis 2). At --num-iterations 1 every
+ratio is 1 and the clip, GSPO, CISPO, SAPO and pg objectives take the same step: they part
+ways only from a batch's second pass on.
 
     python grpo.py --model Qwen2.5-0.5B --group 8 --data data/gsm8k/train.jsonl
     python grpo.py --model out/tiny --data train.jsonl --device cpu --max-new-tokens 64
@@ -126,17 +127,18 @@ def get_args(argv=None):
     p.add_argument("--sapo-tau-neg", type=float, default=None, help="--objective sapo: gate temperature for A < 0 (1.05)")
     p.add_argument("--baseline", default="mean", choices=["mean", "loo"],
                    help="what a reward is compared with: its group's mean, or the mean of the other G-1 (RLOO)")
-    p.add_argument("--scale", default="std", choices=["std", "batch", "none"],
-                   help="advantage divided by the group's std, the whole batch's (REINFORCE++-baseline), or not "
-                        "(Dr. GRPO)")
+    p.add_argument("--scale", default="std", choices=["std", "batch", "batch-centred", "none"],
+                   help="advantage divided by the group's reward std, the whole batch's (Lite PPO), the std of the "
+                        "batch's advantages (REINFORCE++-baseline), or by nothing (Dr. GRPO)")
     p.add_argument("--top-entropy", type=float, default=1.0,
                    help="policy gradient only on the tokens whose entropy is in the batch's top share Q (paper: 0.2); "
                         "1 = all")
     p.add_argument("--tis", type=float, default=0.0,
                    help="with --sample-dtype bfloat16: weight each token's policy term by pi_old / pi_sampler "
                         "truncated at C (truncated importance sampling; 2 is common); 0 = off")
-    p.add_argument("--tis-level", default="sequence", choices=["sequence", "token"],
-                   help="--tis weight: one per completion, the product of its tokens' ratios, truncated; or per token")
+    p.add_argument("--tis-level", default=None, choices=["sequence", "token"],
+                   help="--tis weight: one per completion, the product of its tokens' ratios, truncated (default); "
+                        "or per token")
     p.add_argument("--agg", default="seq-mean", choices=["seq-mean", "token-mean", "seq-sum"],
                    help="loss aggregation: paper, DAPO, Dr. GRPO (divides by --max-new-tokens)")
     p.add_argument("--num-iterations", type=int, default=1, help="updates per batch of samples (mu)")
@@ -195,8 +197,10 @@ def get_args(argv=None):
         p.error("--top-p and --eval-top-p must be in (0, 1]")
     # the variants: the clip range each paper used unless given, and the mixtures that mean nothing
     lo, hi = (1.0, 4.0) if args.objective == "cispo" else (3e-4, 4e-4) if args.ratio_level == "sequence" else (0.2, 0.2)
-    if args.objective in ("sapo", "pg") and (args.clip_low is not None or args.clip_high is not None):
-        p.error(f"--clip-low and --clip-high: --objective {args.objective} has no clip range")
+    if args.objective in ("sapo", "pg"):  # no clip range: none is logged either
+        if args.clip_low is not None or args.clip_high is not None:
+            p.error(f"--clip-low and --clip-high: --objective {args.objective} has no clip range")
+        lo = hi = None
     args.clip_low = lo if args.clip_low is None else args.clip_low
     args.clip_high = hi if args.clip_high is None else args.clip_high
     if args.ratio_level == "sequence" and args.objective != "clip":
@@ -214,6 +218,12 @@ def get_args(argv=None):
                 "use --num-iterations 1")
     if not 0 < args.top_entropy <= 1:
         p.error("--top-entropy must be in (0, 1]: the share of tokens kept")
+    if args.top_entropy < 1 and args.ratio_level == "sequence":
+        p.error("--top-entropy with --ratio-level sequence: GSPO's ratio carries every token's gradient, so it "
+                "cannot keep only some tokens")
+    if args.tis_level is not None and not args.tis:
+        p.error("--tis-level sets the form of --tis's weight: give --tis C too")
+    args.tis_level = args.tis_level or "sequence"
     if args.tis and (args.sample_dtype == "same" or args.tis < 1):
         p.error("--tis corrects for a sampler that is not the trained weights: it needs --sample-dtype bfloat16, "
                 "and C >= 1")
@@ -268,8 +278,11 @@ def group_advantages(rewards, group_size, scale="std", baseline="mean", eps=1e-4
       "std"   the group's std (GRPO), plus eps;
       "none"  nothing (Dr. GRPO, arXiv 2503.20783: the std up-weights groups that are
               nearly all right or all wrong);
-      "batch" the std of the whole batch's rewards, plus eps (REINFORCE++-baseline, arXiv
-              2501.03262; "Lite PPO", arXiv 2508.08221: group mean, batch std).
+      "batch" the std of the whole batch's rewards, plus eps ("Lite PPO", arXiv 2508.08221:
+              group mean, batch std; TRL's scale_rewards="batch");
+      "batch-centred" the std of the whole batch's advantages, plus eps (REINFORCE++-baseline,
+              arXiv 2501.03262): smaller, without the spread between prompts. (Its batch mean
+              is 0 already: verl and OpenRLHF also subtract it, per token.)
     Every std is the unbiased sample std.
     """
     if rewards.numel() % group_size:
@@ -283,10 +296,12 @@ def group_advantages(rewards, group_size, scale="std", baseline="mean", eps=1e-4
         raise ValueError(f"baseline must be 'mean' or 'loo', not {baseline!r}")
     if scale == "std":
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":  # REINFORCE++-baseline / Lite PPO
+    elif scale == "batch":  # Lite PPO
         adv = adv / (r.std() + eps)
+    elif scale == "batch-centred":  # REINFORCE++-baseline
+        adv = adv / (adv.std() + eps)
     elif scale != "none":
-        raise ValueError(f"scale must be 'std', 'batch' or 'none', not {scale!r}")
+        raise ValueError(f"scale must be 'std', 'batch', 'batch-centred' or 'none', not {scale!r}")
     return adv.view(-1)  # (N,)
 
 
@@ -349,6 +364,10 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
     quantile). sampler_logp: (B, T) the log-probs of the policy that drew the tokens, when it
     is not pi_old (a bfloat16 copy, an inference engine): logged, and with tis corrected.
     """
+    if tis and sampler_logp is None or top_entropy < 1 and entropy is None:
+        raise ValueError("tis needs sampler_logp, and top_entropy < 1 needs entropy")
+    if ratio_level == "sequence" and top_entropy < 1:  # s_i would carry every token's gradient
+        raise ValueError("a sequence-level ratio depends on every token: it cannot keep only some")
     mask = mask.bool()
     a = adv[:, None].to(logp.dtype)  # (B, 1)
     log_ratio = logp - old_logp.detach()  # (B, T)
@@ -362,7 +381,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
     elif ratio_level != "token":
         raise ValueError(f"ratio_level must be 'token' or 'sequence', not {ratio_level!r}")
     ratio = torch.exp(log_ratio)  # (B, T); = 1 in value when mu = 1, but not in gradient
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    if objective in ("clip", "cispo"):
+        clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)  # (B, T)
     if objective == "clip":  # PPO's pessimistic bound (GRPO, DeepSeekMath arXiv 2402.03300)
         per_token = -torch.min(ratio * a, clipped * a)  # (B, T)
         if clip_c:  # dual clip (Ye et al. arXiv 1912.09729; verl's clip_ratio_c): with A < 0 the
@@ -384,23 +404,25 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
         per_token = -a * logp
     else:
         raise ValueError(f"objective must be clip, cispo, sapo or pg, not {objective!r}")
-    log_w = torch.where(mask, old_logp.detach() - sampler_logp, 0.0) if sampler_logp is not None else None
     if tis:
-        # truncated importance sampling: the tokens came from pi_sampler, not pi_old, so the policy
-        # term (not the KL) is weighted by pi_old / pi_sampler, truncated at tis: per completion,
-        # the product of its tokens' ratios (unbiased, as "When Speed Kills Stability" argues and
-        # verl recommends), or per token (Yao et al.'s first form; biased, lower variance)
+        # truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+        # brings you off-policy RL training"): the tokens came from pi_sampler, not pi_old, so the
+        # policy term (not the KL) is weighted by pi_old / pi_sampler, truncated at tis. Per
+        # completion, the product of its tokens' ratios (the sequence's own ratio, biased only by
+        # the truncation: "When Speed Kills Stability", Liu, Li et al. 2025; verl's choice), or per
+        # token (Yao et al.'s first form: lower variance, biased over a sequence)
+        log_w = torch.where(mask, old_logp.detach() - sampler_logp, 0.0)  # (B, T) log(pi_old / pi_sampler)
         if tis_level == "sequence":
-            log_w = log_w.sum(1, keepdim=True).expand_as(logp)  # (B, T)
+            log_w = log_w.sum(1, keepdim=True).expand_as(logp)  # (B, T): the completion's, on each token
         elif tis_level != "token":
             raise ValueError(f"tis_level must be 'sequence' or 'token', not {tis_level!r}")
         per_token = per_token * torch.exp(log_w).clamp(max=tis)  # (B, T)
-    keep = mask
+    keep = mask  # (B, T) the tokens whose policy term counts
     if top_entropy < 1:
         # the high-entropy minority (arXiv 2506.01939): the policy gradient flows only through
         # the tokens whose entropy is in the batch's top `top_entropy`; the KL through all
         if entropy_cut is None:
-            entropy_cut = torch.quantile(entropy[mask].float(), 1 - top_entropy) if mask.any() else 0.0
+            entropy_cut = common.quantile(entropy[mask], 1 - top_entropy) if mask.any() else 0.0
         keep = mask & (entropy >= entropy_cut)
         per_token = torch.where(keep, per_token, 0.0)
     kl_tok = torch.zeros_like(logp)
@@ -432,10 +454,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
     with torch.no_grad():  # means over the batch's tokens
         n = mask.sum().clamp(min=1)
         mean = lambda x: (x * mask).sum() / n
-        was_clipped = ((ratio > 1 + clip_high) & (a > 0)) | ((ratio < 1 - clip_low) & (a < 0))
-        if objective == "cispo":  # the weight was cut, whatever the advantage's sign
-            was_clipped = (ratio > 1 + clip_high) | (ratio < 1 - clip_low)
-        metrics = {"kl": mean(kl_tok), "clip": mean(was_clipped), "ratio": mean(ratio)}
+        metrics = {"kl": mean(kl_tok), "ratio": mean(ratio)}
+        if objective == "clip":  # the tokens the clip took the gradient from
+            metrics["clip"] = mean(((ratio > 1 + clip_high) & (a > 0)) | ((ratio < 1 - clip_low) & (a < 0)))
+        elif objective == "cispo":  # the tokens whose weight was cut, whatever the advantage's sign
+            metrics["clip"] = mean((ratio > 1 + clip_high) | (ratio < 1 - clip_low))
         if clip_c:
             metrics["clip_c"] = mean((a < 0) & (-torch.min(ratio * a, clipped * a) > -clip_c * a))
         if sampler_logp is not None:  # the sampler against pi_old: mean |difference|, and k3's
@@ -444,37 +467,14 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, 
         if tis:  # the tokens whose weight was truncated
             metrics["tis_cut"] = mean(log_w > math.log(tis))
         if top_entropy < 1:
-            metrics.update(entropy_kept=mean(keep), entropy_cut=torch.as_tensor(entropy_cut, dtype=torch.float))
+            metrics.update(entropy_kept=mean(keep), entropy_cut=torch.as_tensor(entropy_cut, dtype=logp.dtype))
     return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------
-# the run's pieces: models and data (the data order is common.next_prompts, sampling is
-# sampling.rollout, a step's metrics, log line and warnings are in nanor1/steplog.py)
-
-
-def load_data(args, tok, model):
-    """The training prompts and the held-out ones, formatted and encoded -> (examples, ids,
-    eval examples, eval ids). Every line must carry what the rewards read ("answer", "tests")."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    need = sorted({R.NEEDS[name] for name, _, _ in R.parse_rewards(args.rewards) if name in R.NEEDS})
-    examples, ids = common.load_prompts(args.data, tok, args.template, need)
-    eval_examples, eval_ids = (common.load_prompts(args.eval_data, tok, args.template, ["answer"], args.eval_prompts)
-                               if args.eval_data else ([], []))
-    common.print0(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
-    args.max_new_tokens = common.fit_max_new_tokens(args.max_new_tokens, context, examples + eval_examples,
-                                                    ids + eval_ids)
-    if args.overlong_buffer is None:  # the overlong penalty's buffer: a fifth of the limit (DAPO: 4096 of 20480)
-        args.overlong_buffer = args.max_new_tokens // 5
-    elif args.overlong_buffer > args.max_new_tokens:
-        raise common.UserError(f"--overlong-buffer {args.overlong_buffer} is more than --max-new-tokens "
-                               f"{args.max_new_tokens}, which the model's context allows")
-    return examples, ids, eval_examples, eval_ids
-
-
-# ----------------------------------------------------------------------------------------
 # training: each step samples, scores, computes advantages, updates, logs; then evaluates
-# and saves on their cadence
+# and saves on their cadence (the data's loading and order are in nanor1/common.py,
+# sampling in nanor1/sampling.py, a step's metrics, log line and warnings in nanor1/steplog.py)
 
 
 def train(args, stop=None):
@@ -496,7 +496,8 @@ def train(args, stop=None):
     load_on = torch.device("cpu") if args.fsdp else device  # under FSDP on the CPU until sharded
     model, tok = models.load_for_training(args.model, load_on, resumed, args.lora_rank, args.lora_alpha)
     eos = models.eos_ids(model, tok)
-    examples, prompt_ids, eval_examples, eval_ids = load_data(args, tok, model)
+    need = sorted({R.NEEDS[name] for name in rewards_names if name in R.NEEDS})  # what the rewards read
+    examples, prompt_ids, eval_examples, eval_ids = common.load_rl_data(args, tok, model, need)
     model, ref = models.policy_and_reference(model, args.model, device, resumed, state["ref"] if state else None,
                                              args.beta > 0 and not args.lora_rank, args.fsdp, args.grad_checkpointing)
     common.print0(f"{P} prompts x {G} completions = {P * G} per step" + (f" ({Pr} prompts in each of {world} "
@@ -537,6 +538,8 @@ def train(args, stop=None):
         checkpoints.set_rng_state(state["rng"][rank], [generator, eval_generator])
 
     clock = functools.partial(common.clock, device)
+    variant = {k: getattr(args, k) for k in ["ratio_level", "objective", "clip_c", "top_entropy", "sapo_tau_pos",
+                                             "sapo_tau_neg", "tis", "tis_level"]}  # grpo_loss's keywords
     history, bad_steps, last_warned, stopping = [], 0, {}, False
     stop["armed"] = True  # from here a signal stops the run at the end of a step, with a checkpoint
     for step in common.progress(range(start + 1, args.num_steps + 1), desc="grpo", initial=start, total=args.num_steps):
@@ -573,9 +576,12 @@ def train(args, stop=None):
 
         # 3. the update: advantages per group, then --num-iterations passes over the batch in
         # micro-batches, one optimizer step each
-        sums = dict.fromkeys(["kl", "clip", "ratio", "entropy", "sampler_diff", "sampler_kl"]  # token-weighted
-                             + ["clip_c"] * bool(args.clip_c) + ["tis_cut"] * bool(args.tis)
-                             + ["entropy_kept"] * (args.top_entropy < 1), 0.0)
+        # the token-weighted means logged: the same keys in every process (they are summed over them)
+        logged = ["kl", "ratio", "entropy", "sampler_diff", "sampler_kl"]
+        for key, wanted in [("clip", args.objective in ("clip", "cispo")), ("clip_c", args.clip_c),
+                            ("tis_cut", args.tis), ("entropy_kept", args.top_entropy < 1)]:
+            logged += [key] if wanted else []
+        sums = dict.fromkeys(logged, 0.0)
         n_tok_logged, gnorm, skipped = 0, float("nan"), False
         lr = common.lr_at(step, args.num_steps, args.lr, args.warmup_steps, args.min_lr_ratio, args.lr_schedule)
         for pg in opt.param_groups:
@@ -600,14 +606,14 @@ def train(args, stop=None):
             keep = torch.tensor([use[i] for i in ix], device=device)
             return p_ids, p_mask, ids, mask * keep[:, None]  # masked-out completions: all-zero rows
 
-        def per_token(key, ix):  # (b, T) what the sampler recorded for each token, 0 past the end
+        def padded(key, ix):  # (b, T) what the sampler recorded for each token, 0 past the end
             T = max(1, max(len(batch[i]["completion"]) for i in ix))
             return torch.tensor([batch[i][key] + [0.0] * (T - len(batch[i][key])) for i in ix], device=device)
 
         cut = None  # --top-entropy: the entropy of the batch's (1 - Q) quantile, every process's tokens
         if args.top_entropy < 1:  # (the sampler's entropies: the policy's, before this step's update)
             ents = distributed.all_gather([e for r, u in zip(batch, use) if u for e in r["entropy"]])
-            cut = torch.quantile(torch.tensor(ents), 1 - args.top_entropy).item() if ents else 0.0
+            cut = common.quantile(torch.tensor(ents), 1 - args.top_entropy).item() if ents else 0.0
 
         t_ref = clock()
         ref_logps = [None] * len(micro)
@@ -629,11 +635,9 @@ def train(args, stop=None):
                 if it == 0:  # pi_old: the weights that sampled, not yet updated
                     old_logps[j] = logp.detach()
                 loss, m = grpo_loss(logp, old_logps[j], ref_logps[j], adv[ix], mask, args.clip_low, args.clip_high,
-                                    args.beta, args.kl, args.agg, args.max_new_tokens, ratio_level=args.ratio_level,
-                                    objective=args.objective, clip_c=args.clip_c, top_entropy=args.top_entropy,
-                                    entropy=None if cut is None else per_token("entropy", ix), entropy_cut=cut,
-                                    sapo_tau_pos=args.sapo_tau_pos, sapo_tau_neg=args.sapo_tau_neg,
-                                    sampler_logp=per_token("sampler_logp", ix), tis=args.tis, tis_level=args.tis_level)
+                                    args.beta, args.kl, args.agg, args.max_new_tokens, **variant, entropy_cut=cut,
+                                    entropy=None if cut is None else padded("entropy", ix),
+                                    sampler_logp=padded("sampler_logp", ix))
                 n_tok = int(mask.sum())
                 share = n_tok / total_tok if args.agg == "token-mean" else int((mask.sum(1) > 0).sum()) / total_seq
                 (loss * share).backward()
@@ -649,9 +653,10 @@ def train(args, stop=None):
             [*sums.values(), n_tok_logged, sum(len(r["completion"]) for r in sampled)], device)
         for k, total in zip(sums, totals):  # None (null in the jsonl) when nothing was updated: no tokens, no ratio
             record[k] = total / n_tok_logged if n_tok_logged else None
+        record.setdefault("clip", None)  # SAPO and PG have no clip
         record.update({"gnorm": gnorm if math.isfinite(gnorm) else None, "lr": lr})
         if cut is not None:
-            record["entropy_cut"] = cut
+            record["entropy_cut"] = cut if n_tok_logged else None
         t_end = clock()
         record["tok/s"] = n_sampled / (t_end - t0)  # generated tokens, all processes
         # where the step's time went (process 0's): sampling, scoring, the reference's log-probs, the update

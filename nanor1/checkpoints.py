@@ -120,7 +120,7 @@ def resume_from(out, resume, flags, checked):
         raise UserError(f"--resume {path}: {out} holds later checkpoints ({', '.join(later)}) of the run that "
                         "went on from there; resume into a new --out, or delete them")
     changed = [f"--{k.replace('_', '-')} {state['flags'][k]} -> {v}" for k, v in flags.items()
-               if k in checked and state["flags"].get(k) != v]
+               if k in checked and k in state["flags"] and state["flags"][k] != v]  # (a flag newer than the run: not)
     if changed:
         warn0(f"warning: resuming with changed flags ({'; '.join(changed)}): the run goes on, but not as "
                "the uninterrupted one would have")

@@ -446,6 +446,25 @@ def fit_max_new_tokens(requested, context, examples, ids, default=MAX_NEW_TOKENS
     return requested
 
 
+def load_rl_data(args, tok, model, need):
+    """An RL run's training prompts and held-out ones, formatted and encoded -> (examples, ids,
+    eval examples, eval ids). need: the fields every line must carry for the rewards ("answer",
+    "tests"). Sets args.max_new_tokens to what the model's context allows, and the overlong
+    penalty's buffer args.overlong_buffer to a fifth of it when not given (DAPO: 4096 of 20480)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    examples, ids = load_prompts(args.data, tok, args.template, need)
+    eval_examples, eval_ids = (load_prompts(args.eval_data, tok, args.template, ["answer"], args.eval_prompts)
+                               if args.eval_data else ([], []))
+    print0(f"{len(examples)} training prompts from {args.data}, {len(eval_examples)} eval prompts")
+    args.max_new_tokens = fit_max_new_tokens(args.max_new_tokens, context, examples + eval_examples, ids + eval_ids)
+    if args.overlong_buffer is None:
+        args.overlong_buffer = args.max_new_tokens // 5
+    elif args.overlong_buffer > args.max_new_tokens:
+        raise UserError(f"--overlong-buffer {args.overlong_buffer} is more than --max-new-tokens "
+                        f"{args.max_new_tokens}, which the model's context allows")
+    return examples, ids, eval_examples, eval_ids
+
+
 def next_prompts(num_examples, state, k, seed):
     """k example indices from a seeded per-epoch shuffle; state {"epoch", "pos"} is advanced
     (a checkpoint keeps it, so a resumed run draws what the uninterrupted one would have)."""
@@ -458,3 +477,12 @@ def next_prompts(num_examples, state, k, seed):
         if state["pos"] >= num_examples:
             state["epoch"], state["pos"] = state["epoch"] + 1, 0
     return out
+
+
+def quantile(x, q):
+    """The q-quantile of the 1-D tensor x, interpolated linearly as torch.quantile does, but
+    by a sort: torch.quantile refuses more than 2**24 values (R1-Zero's 512 x 32768 tokens)."""
+    x = x.sort().values
+    pos = q * (len(x) - 1)
+    lo = int(pos)
+    return x[lo] + (x[min(lo + 1, len(x) - 1)] - x[lo]) * (pos - lo)

@@ -21,7 +21,7 @@ from nanor1 import common, distributed, models, sampling
 
 
 def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p, eos, score,
-                  generator, defaults, warn=None, timings=None):
+                  generator, defaults, warn=None, timings=None, entropy=False):
     """Completions and rewards fixed by the prompt. Sampling is the one thing that may differ
     between 1 and 2 processes (each process draws from its own random stream), so with it
     fixed the two runs must take the same steps."""
@@ -31,7 +31,10 @@ def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, tempe
             c = [(sum(p) * 7 + 13 * g + 5 * j) % 200 + 20 for j in range(3 + (sum(p) + g) % 5)]
             reward = float((sum(p) + 3 * g) % 4 == 0) + 0.1 * g
             rows.append({"prompt": p, "completion": c, "text": tok.decode(c), "truncated": (sum(p) + g) % 3 == 0,
-                         "reward": reward, "parts": {"format": reward, "accuracy": float(g == 0)}, "example": ex})
+                         "reward": reward, "parts": {"format": reward, "accuracy": float(g == 0)}, "example": ex,
+                         "sampler_logp": [-0.1 * (x % 7) - 2.0 for x in c]})  # fixed too: the sampler's own
+            if entropy:
+                rows[-1]["entropy"] = [((x * 31 + j) % 97) / 40 for j, x in enumerate(c)]
     return rows
 
 
@@ -123,7 +126,9 @@ def data(tmp_path_factory):
 @pytest.mark.slow
 # --mask-truncated drops a different number of completions in each process: the shares must
 # be weighted by the step's count over all processes, not each process's own
-@pytest.mark.parametrize("agg, extra", [("seq-mean", []), ("token-mean", []), ("seq-mean", ["--mask-truncated"])])
+# --scale batch and --top-entropy take the std and the entropy threshold over every process's samples
+@pytest.mark.parametrize("agg, extra", [("seq-mean", []), ("token-mean", []), ("seq-mean", ["--mask-truncated"]),
+                                        ("seq-mean", ["--scale", "batch", "--top-entropy", "0.3"])])
 def test_grpo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch, agg, extra):
     def argv(out):
         return ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",

@@ -40,6 +40,15 @@ def test_rloo_is_each_reward_minus_the_mean_of_the_others():
     assert torch.allclose(adv, group_advantages(torch.tensor(r, dtype=torch.float64), 4, "none") * 4 / 3)
 
 
+def test_batch_centred_scale_divides_by_the_std_of_the_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # groups of 3
+    adv = group_advantages(r, 3, "batch-centred")
+    # r - mean: 2/3, -1/3, -1/3, -2/3, 1/3, 1/3 (mean 0); unbiased variance (4+1+1+4+1+1)/9 / 5 = 12/45
+    want = [2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]
+    assert adv.tolist() == pytest.approx([w / (math.sqrt(12 / 45) + 1e-4) for w in want], abs=1e-12)
+    assert math.sqrt(12 / 45) < math.sqrt(0.3)  # smaller than the raw rewards' std: no spread between prompts
+
+
 def test_batch_scale_divides_by_the_std_of_all_rewards():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # groups of 3
     adv = group_advantages(r, 3, "batch")
@@ -51,7 +60,7 @@ def test_batch_scale_divides_by_the_std_of_all_rewards():
     assert not torch.allclose(group_advantages(r[:3], 3, "batch"), adv[:3])
 
 
-@pytest.mark.parametrize("scale", ["std", "none", "batch"])
+@pytest.mark.parametrize("scale", ["std", "none", "batch", "batch-centred"])
 @pytest.mark.parametrize("baseline", ["mean", "loo"])
 def test_all_equal_groups_get_zero_and_nothing_is_nan(scale, baseline):
     r = torch.tensor([0.7] * 4 + [1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
@@ -118,19 +127,29 @@ def reference_loss(logp, old, ref, adv, mask, clip_low=0.2, clip_high=0.2, beta=
 
 
 def batch(seed=0):
-    """Four completions of lengths 3, 5, 1 and 0 (masked out) in float64, with junk on the padding."""
+    """Five completions of lengths 3, 5, 1, 0 (masked out) and 2 (advantage 0: its group's
+    rewards were equal) in float64, with junk on the padding."""
     g = torch.Generator().manual_seed(seed)
-    B, T = 4, 5
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    B, T = 5, 5
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3 - 0.1
     logp = (old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)  # ratios ~0.5-2
     ref = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
     sampler = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    entropy = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
     with torch.no_grad():  # padding: values a careless mask would let through
-        for x in (old, logp, ref, sampler):
-            x[mask == 0] = -4.0
-    adv = torch.tensor([1.3, -0.8, 2.0, 5.0], dtype=torch.float64)
-    return logp, old, ref, sampler, adv, mask
+        for x in (old, logp, ref, sampler, entropy):
+            x[mask == 0] = -4.0 if x is not entropy else 9.0
+    adv = torch.tensor([1.3, -0.8, 2.0, 5.0, 0.0], dtype=torch.float64)
+    return logp, old, ref, sampler, adv, mask, entropy
+
+
+def kept_by_hand(entropy, mask, q):
+    """The tokens at or above the valid entropies' (1 - q) quantile, found with numpy."""
+    import numpy as np
+
+    cut = np.quantile(entropy[mask.bool()].numpy(), 1 - q)  # numpy's default: linear interpolation
+    return (entropy.numpy() >= cut) & mask.bool().numpy()
 
 
 VARIANTS = [
@@ -150,20 +169,24 @@ VARIANTS = [
     dict(clip_c=1.5, ratio_level="sequence", clip_low=0.05, clip_high=0.05),
     dict(tis=1.2, tis_level="token"),
     dict(tis=1.2, tis_level="sequence", objective="cispo", beta=0.04),
+    dict(top_entropy=0.4),  # the high-entropy minority
+    dict(top_entropy=0.5, objective="cispo", beta=0.04, agg="token-mean"),
 ]
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "grpo")
 def test_each_variant_equals_its_formula_in_value_and_gradient(kw):
     for seed in range(3):
-        logp, old, ref, sampler, adv, mask = batch(seed)
+        logp, old, ref, sampler, adv, mask, entropy = batch(seed)
         kw = dict(kw)
         taus = kw.pop("taus", (1.0, 1.05))
-        want = reference_loss(logp, old, ref, adv, mask, taus=taus, sampler=sampler, **kw)
+        q = kw.pop("top_entropy", 1.0)
+        keep = kept_by_hand(entropy, mask, q) if q < 1 else None
+        want = reference_loss(logp, old, ref, adv, mask, taus=taus, sampler=sampler, keep=keep, **kw)
         want_grad, = torch.autograd.grad(want, logp)
         beta = kw.pop("beta", 0.0)
         got, _ = grpo_loss(logp, old, ref if beta else None, adv, mask, beta=beta, sapo_tau_pos=taus[0],
-                           sapo_tau_neg=taus[1], sampler_logp=sampler, **kw)
+                           sapo_tau_neg=taus[1], sampler_logp=sampler, top_entropy=q, entropy=entropy, **kw)
         got_grad, = torch.autograd.grad(got, logp)
         assert got.dtype == torch.float64
         assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-14)
@@ -172,8 +195,8 @@ def test_each_variant_equals_its_formula_in_value_and_gradient(kw):
 
 
 def test_gspo_on_one_token_completions_is_the_token_level_objective():
-    logp, old, ref, _, adv, _ = batch(1)
-    one = torch.zeros(4, 5, dtype=torch.long)
+    logp, old, ref, _, adv, _, _ = batch(1)
+    one = torch.zeros(5, 5, dtype=torch.long)
     one[:, 0] = 1
     for kw in [dict(), dict(clip_low=0.05, clip_high=0.05, beta=0.1)]:
         beta = kw.pop("beta", 0.0)
@@ -300,10 +323,21 @@ def test_truncated_importance_sampling_by_hand_and_the_mismatch_logged():
     assert flat(torch.autograd.grad(plain, logp)[0]) == pytest.approx([-0.5, -0.5])
 
 
-def test_unknown_objective_or_levels_are_refused():
-    logp, old, ref, sampler, adv, mask = batch()
+def test_the_quantile_is_torchs_without_its_size_limit():
+    from nanor1.common import quantile
+
+    x = torch.rand(1001, dtype=torch.float64)
+    for q in [0.0, 0.2, 0.5, 0.8, 1.0]:
+        assert quantile(x, q).item() == pytest.approx(torch.quantile(x, q).item(), rel=1e-12)
+    assert quantile(torch.tensor([3.0]), 0.8).item() == 3.0
+
+
+def test_unknown_objective_or_levels_and_missing_inputs_are_refused():
+    logp, old, ref, sampler, adv, mask, entropy = batch()
     for kw, word in [(dict(objective="ppo2"), "objective"), (dict(ratio_level="word"), "ratio_level"),
-                     (dict(sampler_logp=sampler, tis=2.0, tis_level="batch"), "tis_level")]:
+                     (dict(sampler_logp=sampler, tis=2.0, tis_level="batch"), "tis_level"),
+                     (dict(tis=2.0), "sampler_logp"), (dict(top_entropy=0.2), "entropy"),
+                     (dict(top_entropy=0.2, entropy=entropy, ratio_level="sequence"), "sequence-level")]:
         with pytest.raises(ValueError, match=word):
             grpo_loss(logp, old, None, adv, mask, beta=0.0, **kw)
 
@@ -360,7 +394,7 @@ MU2 = ["--num-iterations", "2"]  # off policy from the second pass: where the ob
     (["--clip-c", "1.5", "--clip-low", "1", *MU2], {"clip_c"}),
     (["--baseline", "loo", "--scale", "batch"], set()),
     (["--top-entropy", "0.3"], {"entropy_cut", "entropy_kept"}),
-    (["--sample-dtype", "bfloat16", "--tis", "1.01", "--tis-level", "token"], {"tis_cut"}),
+    (["--sample-dtype", "bfloat16", "--tis", "1.0001", "--tis-level", "token"], {"tis_cut"}),  # C near 1: it acts
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_each_flag_runs_is_logged_and_resumes_bitwise(tiny_dir, prompts, tmp_path, toy, flags, logged):
     history, weights = two_steps(tiny_dir, prompts, tmp_path / "full", *flags)
@@ -370,6 +404,9 @@ def test_each_flag_runs_is_logged_and_resumes_bitwise(tiny_dir, prompts, tmp_pat
         assert str(header[name]) == value or header[name] == float(value), flag
     for key in {"sampler_diff", "sampler_kl"} | logged:
         assert all(r[key] is not None and math.isfinite(r[key]) for r in history), key
+    for key in logged - {"entropy_cut"}:  # a share of tokens: the cap, the truncation or the selection acted
+        assert any(r[key] > 0 for r in history), key
+    assert all((r["clip"] is None) == (header["objective"] in ("sapo", "pg")) for r in history)
     # stopped after step 1, resumed: the same step 2, bitwise
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "step-000002")
@@ -405,7 +442,7 @@ def test_the_sampler_mismatch_is_rounding_alone_without_a_bf16_sampler(tiny_dir,
     same_weights, _ = two_steps(tiny_dir, prompts, tmp_path / "same")
     bf16, _ = two_steps(tiny_dir, prompts, tmp_path / "bf16", "--sample-dtype", "bfloat16")
     for r in same_weights:  # KV-cache decoding and one full forward round differently, in float32's last digits
-        assert 0 <= r["sampler_diff"] < 1e-5 and abs(r["sampler_kl"]) < 1e-9
+        assert r["sampler_diff"] < 1e-5 and abs(r["sampler_kl"]) < 1e-9
     for r in bf16:  # bfloat16 keeps 8 bits of mantissa: pi_sampler differs from pi_old
         assert r["sampler_diff"] > 1e-4 and r["sampler_kl"] > 1e-8
 
@@ -421,6 +458,8 @@ def test_the_sampler_mismatch_is_rounding_alone_without_a_bf16_sampler(tiny_dir,
     (["--tis", "2"], "--tis"),
     (["--tis", "0.5", "--sample-dtype", "bfloat16"], "--tis"),
     (["--baseline", "median"], "--baseline"),
+    (["--top-entropy", "0.2", "--ratio-level", "sequence"], "--top-entropy"),
+    (["--tis-level", "token", "--sample-dtype", "bfloat16"], "--tis-level"),
 ])
 def test_flags_that_mean_nothing_together_are_one_error(capsys, tiny_dir, prompts, tmp_path, flags, named):
     with pytest.raises(SystemExit) as e:
