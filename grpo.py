@@ -134,8 +134,8 @@ def get_args(argv=None):
                    help="policy gradient only on the tokens whose entropy is in the batch's top share Q (paper: 0.2); "
                         "1 = all")
     p.add_argument("--tis", type=float, default=0.0,
-                   help="with --sample-dtype bfloat16: weight each token's policy term by pi_old / pi_sampler "
-                        "truncated at C (truncated importance sampling; 2 is common); 0 = off")
+                   help="with --sample-dtype bfloat16: weight the policy term by pi_old / pi_sampler, truncated "
+                        "at C (truncated importance sampling; 2 is common); 0 = off")
     p.add_argument("--tis-level", default=None, choices=["sequence", "token"],
                    help="--tis weight: one per completion, the product of its tokens' ratios, truncated (default); "
                         "or per token")

@@ -30,6 +30,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end check of several seconds; still runs in CI")
 
 
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end tests first, the longest of all (the miniature pipeline) at the head:
+    on two processes one of them starts on it while the other works through the rest."""
+    first = {"test_quick_pipeline_end_to_end": 0}
+    items.sort(key=lambda item: first.get(item.originalname, 1 if item.get_closest_marker("slow") else 2))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite (`python -m pytest -q tests`) on two processes when pytest-xdist is
+    installed: each test runs on one thread (above), so one process leaves the second core
+    idle. -n N chooses another number, -p no:xdist runs it in this process."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    whole = [os.path.abspath(a) for a in config.args] == [tests]
+    worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ  # one of the two
+    if whole and not worker and config.pluginmanager.hasplugin("xdist") and config.option.numprocesses is None:
+        config.option.numprocesses = 2
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A freshly initialised 2-layer Qwen2 model and its locally trained tokenizer, on disk."""
