@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)  # repeatable float sums, and CI has 2 cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the scripts the tests start, too: two processes, two cores
 
 from nanor1 import models  # noqa: E402
 
@@ -47,6 +48,8 @@ def pytest_cmdline_main(config):
     worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ  # one of the two
     if whole and not worker and config.pluginmanager.hasplugin("xdist") and config.option.numprocesses is None:
         config.option.numprocesses = 2
+        if config.option.dist == "no":  # a process that runs out of tests takes some of the other's
+            config.option.dist = "worksteal"
 
 
 @pytest.fixture(scope="session")
