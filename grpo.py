@@ -196,7 +196,8 @@ def get_args(argv=None):
     if not 0 < args.top_p <= 1 or not 0 < args.eval_top_p <= 1:
         p.error("--top-p and --eval-top-p must be in (0, 1]")
     # the variants: the clip range each paper used unless given, and the mixtures that mean nothing
-    lo, hi = (1.0, 4.0) if args.objective == "cispo" else (3e-4, 4e-4) if args.ratio_level == "sequence" else (0.2, 0.2)
+    lo, hi = (3e-4, 4e-4) if args.ratio_level == "sequence" else (0.2, 0.2)  # GSPO's; DeepSeekMath's
+    lo, hi = (1.0, 4.0) if args.objective == "cispo" else (lo, hi)  # CISPO: no lower bound, a weight <= 5
     if args.objective in ("sapo", "pg"):  # no clip range: none is logged either
         if args.clip_low is not None or args.clip_high is not None:
             p.error(f"--clip-low and --clip-high: --objective {args.objective} has no clip range")
@@ -561,7 +562,7 @@ def train(args, stop=None):
                 rows = sampling.rollout(sampler, tok, [examples[i] for i in idx], [prompt_ids[i] for i in idx], G,
                                         args.max_new_tokens, args.temperature, args.top_p,
                                         [] if args.ignore_eos else eos, score, generator, defaults, warn=common.warn0,
-                                        timings=timings, entropy=args.top_entropy < 1)  # (Pr * G,) prompt-major
+                                        timings=timings, logp=True, entropy=args.top_entropy < 1)  # (Pr * G,)
             sampled += rows
             for g in range(Pr):
                 group = rows[g * G:(g + 1) * G]

@@ -64,7 +64,7 @@ def cache_name():
 
 
 def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
-           generator=None, vocab=None, entropy=False):
+           generator=None, vocab=None, logp=False, entropy=False):
     """Sample `group` completions for each prompt (lists of token ids), prompt-major order.
 
     The prompt is encoded once and its KV cache repeated G times. A completion that ends
@@ -76,9 +76,9 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
       ids   (P*G, T) completion tokens, pad after the end token
       mask  (P*G, T) 1 on completion tokens up to and including the end token
       truncated (P*G,) True when the limit was hit without an end token
-      logp  (P*G, T) each drawn token's log-prob under the sampler, at the temperature and
-            before top-p (as the trainer computes it: the two can be compared); None when greedy
-      entropy (P*G, T) the entropy of each step's distribution, the same way; when asked for
+      logp  (P*G, T) with logp=True: each drawn token's log-prob under the sampler, at the
+            temperature and before top-p (as the trainer computes it: the two can be compared)
+      entropy (P*G, T) with entropy=True: the entropy of each step's distribution, the same way
     """
     device = next(model.parameters()).device
     # under FSDP every process takes part in every forward pass (each gathers the layers'
@@ -112,7 +112,7 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, T)
         mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, T)
-        logps = torch.zeros((N, max_new_tokens), device=device)  # (N, T)
+        logps = torch.zeros((N, max_new_tokens), device=device) if logp else None  # (N, T)
         ents = torch.zeros((N, max_new_tokens), device=device) if entropy else None
         done = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
         rows = torch.arange(N, device=device)  # (n,) which of the N completions each batch row is
@@ -121,9 +121,10 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
             tok = sample_next(logits[:, :vocab], temperature, top_p, generator, u)  # (n,)
             live = ~done[rows]  # (n,) all of them, but under FSDP
             ids[rows, t] = torch.where(live, tok, pad_id)
-            if temperature:  # what the sampler's own probabilities were: nearly free, the logits are here
+            if logp or entropy:  # what the sampler's own probabilities were: the logits are here
                 z = torch.log_softmax(logits[:, :vocab].float() / temperature, dim=-1)  # (n, V)
-                logps[rows, t] = z.gather(-1, tok[:, None]).squeeze(-1)
+                if logp:
+                    logps[rows, t] = z.gather(-1, tok[:, None]).squeeze(-1)
                 if entropy:
                     ents[rows, t] = -(z.exp() * z).sum(-1)
             mask[rows, t] = live.long()
@@ -144,7 +145,7 @@ def sample(model, prompts, group, max_new_tokens, eos, pad_id, temperature=1.0, 
             cache, logits, next_pos = getattr(out, cache_name()), out.logits[:, -1], next_pos + 1
     model.train(was_training)
     return {"ids": ids[:, :t + 1], "mask": mask[:, :t + 1], "truncated": ~done,  # (N, T'): T' the longest
-            "logp": logps[:, :t + 1] if temperature else None, "entropy": ents[:, :t + 1] if entropy else None}
+            "logp": logps[:, :t + 1] if logp else None, "entropy": ents[:, :t + 1] if entropy else None}
 
 
 def low_precision_copy(model, dtype, copy=None):
@@ -167,26 +168,28 @@ def low_precision_copy(model, dtype, copy=None):
 
 
 def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p,
-            eos, score, generator, defaults, warn=None, timings=None, entropy=False):
+            eos, score, generator, defaults, warn=None, timings=None, logp=False, entropy=False):
     """Sample `group` completions per example and score them -> list of per-completion dicts.
 
     score(texts, contexts) -> [(total, {name: value}, [errors])]: the scoring, passed in by
     the script (rewards.scorer("accuracy,format")), so this engine knows no reward. defaults:
     fields the rewards fall back on when an example lacks them (the language, the overlong
     buffer). warn: prints a reward's error (on stderr when None). timings: a dict whose
-    "sample" and "score" entries get the seconds each took added. Each row also holds the
-    sampler's log-prob of each completion token ("sampler_logp"), and with entropy=True the
-    entropy of each step's distribution ("entropy").
+    "sample" and "score" entries get the seconds each took added. With logp=True each row
+    also holds the sampler's log-prob of each completion token ("sampler_logp"), with
+    entropy=True the entropy of each step's distribution ("entropy"): what a trainer compares
+    with its own numbers; evaluation and rejection sampling skip them.
     """
     warn = warn or functools.partial(print, file=sys.stderr)
     t0 = time.time()
     out = sample(model, prompt_ids, group, max_new_tokens, eos, tok.pad_token_id,
-                 temperature, top_p, generator, vocab=len(tok), entropy=entropy)
+                 temperature, top_p, generator, vocab=len(tok), logp=logp, entropy=entropy)
     lengths = out["mask"].sum(1).tolist()  # (waits for the GPU)
     t1 = time.time()
     ids, truncated = out["ids"].tolist(), out["truncated"].tolist()
     completions = [ids[i][: lengths[i]] for i in range(len(ids))]
-    stats = {k: [row[:n] for row, n in zip(out[k].tolist(), lengths)] for k in ["logp", "entropy"] if out[k] is not None}
+    stats = {name: [row[:n] for row, n in zip(out[k].tolist(), lengths)]  # per completion, its tokens'
+             for k, name in [("logp", "sampler_logp"), ("entropy", "entropy")] if out[k] is not None}
     texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
     # the length rules see the completion's length in tokens beside the example's fields
     contexts = [{**defaults, **examples[i // group], "num_tokens": lengths[i], "max_tokens": max_new_tokens}
@@ -198,7 +201,7 @@ def rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature
             warn(f"warning: {ex.get('_where', '?')}: {e}")
         rows.append({"prompt": prompt_ids[i // group], "completion": completions[i], "text": texts[i],
                      "truncated": truncated[i], "reward": total, "parts": parts, "example": ex,
-                     **{("sampler_logp" if k == "logp" else k): v[i] for k, v in stats.items()}})
+                     **{name: v[i] for name, v in stats.items()}})
     if timings is not None:
         timings["sample"] += t1 - t0
         timings["score"] += time.time() - t1

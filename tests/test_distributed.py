@@ -21,7 +21,7 @@ from nanor1 import common, distributed, models, sampling
 
 
 def fixed_rollout(model, tok, examples, prompt_ids, group, max_new_tokens, temperature, top_p, eos, score,
-                  generator, defaults, warn=None, timings=None, entropy=False):
+                  generator, defaults, warn=None, timings=None, logp=False, entropy=False):
     """Completions and rewards fixed by the prompt. Sampling is the one thing that may differ
     between 1 and 2 processes (each process draws from its own random stream), so with it
     fixed the two runs must take the same steps."""
