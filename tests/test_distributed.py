@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import grpo
+import ppo
 import rewards as R
 import sft
 from conftest import digits
@@ -67,16 +68,17 @@ def process(rank, world, port, script, argv, grads_path, fixed=True):
     else:
         R.REWARDS["digits"] = digits
     torch.nn.utils.clip_grad_norm_ = capture_gradients(f"{grads_path}.{rank}")
-    {"grpo": grpo, "sft": sft}[script].main(argv)
+    {"grpo": grpo, "ppo": ppo, "sft": sft}[script].main(argv)
 
 
-def one_and_two(script, argv, tmp_path, monkeypatch):
-    """Run `script` in this process and on 2 processes; check the gradients; -> the 1-process
-    history and the 2-process run's metrics.jsonl records (written by process 0 alone)."""
+def one_and_two(script, argv, tmp_path, monkeypatch, updates_per_step=1):
+    """Run `script` in this process and on 2 processes; check the gradients (updates_per_step a
+    step: ppo.py's value model's, then its policy's); -> the 1-process history and the 2-process
+    run's metrics.jsonl records (written by process 0 alone)."""
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture_gradients(tmp_path / "grads.one"))
-    one = {"grpo": grpo, "sft": sft}[script].main(argv(tmp_path / "one"))
+    one = {"grpo": grpo, "ppo": ppo, "sft": sft}[script].main(argv(tmp_path / "one"))
     mp.spawn(process, args=(2, free_port(), script, argv(tmp_path / "two"), str(tmp_path / "grads.two")), nprocs=2)
-    same_gradients(tmp_path, len(one))
+    same_gradients(tmp_path, len(one) * updates_per_step)
     two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in two[1:]] == [r["step"] for r in one]  # one header, each step once
     return one, two
@@ -149,6 +151,26 @@ def test_grpo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, 
     assert a["kl"] > 0  # the policy moved away from the reference
     same_weights(tmp_path / "one" / "step-000003", tmp_path / "two" / "step-000003", tiny_dir)
     assert len([l for l in open(tmp_path / "two" / "samples.jsonl")]) == 3 * 4  # one group a step, once
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_takes_the_steps_of_one(tiny_dir, data, tmp_path, monkeypatch):
+    """The advantages are whitened over every process's tokens, and the losses weighted by the
+    step's token count over all of them: per-process means would change the gradients."""
+    def argv(out):
+        return ["--model", tiny_dir, "--data", str(data / "train.jsonl"), "--out", str(out), "--device", "cpu",
+                "--prompts-per-step", "8", "--micro-batch-size", "3", "--rewards", "format", "--num-steps", "2",
+                "--lr", "1e-3", "--critic-lr", "1e-3", "--beta", "0.04", "--sample-every", "0", "--max-new-tokens", "8"]
+
+    monkeypatch.setattr(sampling, "rollout", fixed_rollout)
+    one, two = one_and_two("ppo", argv, tmp_path, monkeypatch, updates_per_step=2)
+    for a, b in zip(one, two[1:]):
+        for k in ["reward", "format", "len", "trunc"]:
+            assert a[k] == b[k], k
+        for k in ["kl", "clip", "ratio", "entropy", "gnorm", "vgnorm", "vloss", "value", "ev"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    assert a["kl"] != 0 and a["vloss"] > 0  # k1 on fixed (not sampled) tokens: either sign
+    same_weights(tmp_path / "one" / "step-000002", tmp_path / "two" / "step-000002", tiny_dir)
 
 
 def signalled_process(rank, world, port, argv, out):

@@ -8,7 +8,7 @@ import torch
 
 import grpo
 from grpo import group_advantages, grpo_loss
-from nanor1 import sampling
+from nanor1 import logprobs, sampling
 
 # ------------------------------------------------------------------------- advantages
 
@@ -217,7 +217,7 @@ def test_chunked_logprobs_and_their_gradients_equal_the_textbook_ones(tiny, monk
         (logp * weights).sum().backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    monkeypatch.setattr(grpo, "LOGIT_CHUNK", 1)
+    monkeypatch.setattr(logprobs, "LOGIT_CHUNK", 1)
     got = grpo.completion_logprobs(model, p_ids, p_mask, ids, mask, temperature=0.7)
     got_grads = grads(got)
     x = torch.cat([p_ids, ids], 1)
