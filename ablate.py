@@ -179,7 +179,7 @@ def launch(run, threads):
     print(f"[{run['name']} seed {run['seed']}] {run['action']}: python {shlex.join(run['command'] + extra)}", flush=True)
     run["started"] = time.time()
     with open(run["folder"] + ".log", "a" if run["action"] == "resume" else "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
 def run_all(runs, parallel):
@@ -187,7 +187,7 @@ def run_all(runs, parallel):
     peak memory comes from the operating system's account of the process (os.wait4)."""
     todo = [r for r in runs if r["action"] != "skip"]
     threads = max(1, (os.cpu_count() or 1) // parallel)  # the cores shared out: no run waits for another's threads
-    running, failed = {}, []
+    running, failed, stopped = {}, [], False
     try:
         while todo or running:
             while todo and len(running) < parallel:
@@ -201,7 +201,10 @@ def run_all(runs, parallel):
             code = os.waitstatus_to_exitcode(status)
             proc.returncode = code
             seconds = time.time() - run["started"]
-            if code == 0:
+            if code in (130, -2):  # stopped by a signal, at a step's end with a checkpoint: start nothing more
+                print(f"[{run['name']} seed {run['seed']}] stopped; the same command goes on with it", flush=True)
+                todo, stopped = [], True
+            elif code == 0:
                 write_json(run["folder"] + ".done.json", {"command": run["command"], "seconds": seconds,
                                                           "peak_mib": usage.ru_maxrss / 1024})  # KiB on Linux
                 print(f"[{run['name']} seed {run['seed']}] done in {seconds:.0f} s", flush=True)
@@ -213,6 +216,8 @@ def run_all(runs, parallel):
     except KeyboardInterrupt:  # the runs got the same Ctrl-C: each stops at its step's end, with a checkpoint
         for run, proc in running.values():
             proc.wait()
+        stopped = True
+    if stopped:
         raise SystemExit("stopped: run the same command again to go on (finished runs are kept, stopped ones resume)")
     return failed
 

@@ -92,6 +92,7 @@ import json, os, sys
 argv = sys.argv[1:]
 get = lambda flag, default=None: argv[argv.index(flag) + 1] if flag in argv else default
 out, seed, lr = get("--out"), int(get("--seed")), float(get("--lr", "0"))
+open(out + ".threads", "w").write(os.environ.get("OMP_NUM_THREADS", "unset"))
 if get("--fail"):
     sys.exit("error: --fail: this variant always fails")
 steps = int(get("--steps", "4"))
@@ -111,8 +112,8 @@ for step in range(start + 1, steps + 1):
             f.write(json.dumps({"step": step, "eval_pass@1": round(0.1 * step + 0.01 * seed + lr, 4)}) + "\n")
     os.makedirs(os.path.join(out, f"step-{step:06d}"), exist_ok=True)
     open(os.path.join(out, f"step-{step:06d}", "trainer_state.pt"), "w").write("x")
-    if get("--die-at") and step == int(get("--die-at")) and "--resume" not in argv:
-        sys.exit("killed")
+    if get("--stop-at") and step == int(get("--stop-at")) and "--resume" not in argv:
+        sys.exit(130)  # as a signal stops grpo.py: at a step's end, after its checkpoint
 '''
 
 
@@ -140,6 +141,8 @@ def test_the_table_is_the_runs_numbers_by_hand(fake, tmp_path):
     assert a["s"] == pytest.approx(3.5) and a["phases"] == {"sample_s": 0.5, "update_s": pytest.approx(3.0)}
     assert a["eval_noise"] == pytest.approx((math.sqrt(0.4 * 0.6 / 100) + math.sqrt(0.41 * 0.59 / 100)) / 2)
     assert a["peak_mib"] > 0
+    # two runs at a time share the cores out: one thread each on two
+    assert open(out / "a" / "seed-0.threads").read() == str(max(1, os.cpu_count() // 2))
     saved = json.load(open(out / "ablation.json"))
     assert saved["table"]["b"]["final"]["mean"] == pytest.approx(0.455)
     md = open(out / "ablation.md").read()
@@ -161,6 +164,19 @@ def test_a_rerun_skips_finished_runs_and_resumes_a_stopped_one(fake, tmp_path, c
     assert "[a seed 1] resume" in printed and "--resume" in printed
     assert open(out / "a" / "seed-1" / "resumed").read() == "2\n"
     assert table["a"]["final"]["mean"] == pytest.approx(0.405)
+
+
+def test_a_run_stopped_by_a_signal_stops_the_harness_and_resumes_on_the_rerun(fake, tmp_path, capsys):
+    out = tmp_path / "ab"
+    argv = ["--base", f"{fake} --steps 4 --stop-at 2", "--variant", "a=", "--seeds", "0-1", "--out", str(out)]
+    with pytest.raises(SystemExit, match="stopped: run the same command again"):
+        ablate.main(argv)
+    assert "[a seed 1]" not in capsys.readouterr().out  # nothing more was started
+    with pytest.raises(SystemExit):  # seed 0 resumes and finishes; seed 1 starts, and stops as seed 0 did
+        ablate.main(argv)
+    table = ablate.main(argv)
+    assert open(out / "a" / "seed-0" / "resumed").read() == open(out / "a" / "seed-1" / "resumed").read() == "2\n"
+    assert table["a"]["seeds"] == [0, 1] and table["a"]["final"]["mean"] == pytest.approx(0.405)
 
 
 def test_a_changed_command_starts_over(fake, tmp_path, capsys):
