@@ -344,7 +344,8 @@ def report(table, variants, args):
 
 def plot(table, path):
     """ablation.png: pass@1, length and entropy over steps (mean and min-max band over seeds),
-    the final pass@1 of each seed, and the seconds a step by phase. False without matplotlib."""
+    the final pass@1 of each seed, the seconds a step by phase and the peak memory. False
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -353,7 +354,8 @@ def plot(table, path):
     except ImportError:
         return False
     rows = {n: r for n, r in table.items() if r["seeds"]}
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    axes = axes.flatten()
     for i, (name, row) in enumerate(rows.items()):
         color = f"C{i}"
         for ax, key in zip(axes[:3], ["curve", "len_curve", "entropy_curve"]):
@@ -367,11 +369,15 @@ def plot(table, path):
         axes[3].errorbar([i + 0.15], [row["final"]["mean"]], yerr=[[row["final"]["mean"] - (row["final"]["lo"] or row["final"]["mean"])],
                          [(row["final"]["hi"] or row["final"]["mean"]) - row["final"]["mean"]]], fmt="o", color="black", capsize=3)
         bottom = 0.0
-        for j, (phase, seconds) in enumerate(row["phases"].items()):
-            axes[4].bar(i, seconds, bottom=bottom, color=f"C{j}", label=phase.removesuffix("_s") if i == 0 else None)
+        for phase in [k for k in PHASES if k in row["phases"]]:  # each phase its colour in every bar
+            seconds = row["phases"][phase]
+            name = phase.removesuffix("_s")
+            labelled = name in axes[4].get_legend_handles_labels()[1]
+            axes[4].bar(i, seconds, bottom=bottom, color=f"C{PHASES.index(phase)}", label=None if labelled else name)
             bottom += seconds
-    for ax, title in zip(axes, ["held-out pass@1", "mean length (tokens)", "entropy (nats/token)",
-                                "final pass@1 per seed (black: mean, 95% t)", "seconds a step"]):
+        axes[5].bar(i, row["peak_mib"], color=color)
+    for ax, title in zip(axes, ["held-out pass@1 (band: the seeds' range)", "mean length (tokens)", "entropy (nats/token)",
+                                "final pass@1 per seed (black: mean, 95% t)", "seconds a step", "peak memory (MiB)"]):
         ax.set_title(title)
     for ax in axes[:3]:
         ax.set_xlabel("step")

@@ -14,25 +14,28 @@ prompts x 8 completions is ppo.py's --prompts-per-step 64 --group 1 (its default
 
 The choices, and who made them:
 - the value model is a copy of the policy's network without its LM head, and a scalar head
-  on the last hidden state, started from the policy (as verl and OpenRLHF do without a
-  reward model; TRL starts it from the reward model, which rule rewards do not have). Its
-  head starts at zero: V = 0 everywhere, so the first advantages are the returns themselves;
+  on the last hidden state, started from the policy (verl's default; TRL and OpenRLHF start
+  it from a reward model, which rule rewards do not have). Its head starts at zero: V = 0
+  everywhere, so the first advantages are the returns themselves;
 - V(s_t) is read at the position before token t (the prompt and the tokens before t);
 - GAE with --gamma 1 (every peer: the reward is the answer's, a discount only shortens
-  answers) and --lam 1 (verl's and OpenRLHF's default for reasoning; TRL's is 0.95). With
-  the reward on the last token alone and lambda < 1, the reward reaches token t of a
-  T-token answer only through lam^(T-t), the rest through the value model's estimates: an
-  untrained value model then decides the early tokens' advantages (VC-PPO, arXiv 2503.01491,
-  finds lambda = 1 for the policy the fix). lambda = 1 makes A_t = return - V(s_t): the
-  value model is a per-token baseline and biases nothing;
+  answers) and --lam 1 (verl's default; TRL's and OpenRLHF's is 0.95). With the reward on
+  the last token alone and lambda < 1, the reward reaches token t of a T-token answer
+  damped by lam^(T-t) (0.95^50 = 0.08), the rest of token t's advantage coming from the
+  value model's estimates: an untrained value model then decides the early tokens'
+  advantages. VC-PPO (arXiv 2503.01491) finds these two, the value model's initial bias and
+  the decay of the reward, behind PPO's collapse on long reasoning, and fixes them by
+  pretraining the value model and giving it lambda = 1. Without pretraining, lambda = 1
+  for both: A_t = return - V(s_t), the value model a per-token baseline that biases nothing
+  (docs/ppo.md measures 0.95 beside it);
 - the KL in the reward is the k1 estimate log(pi_old / pi_ref) (InstructGPT, TRL, verl's
   default), whose sum over an answer is an unbiased estimate of the sequence's KL; no KL
   term in the loss (GRPO puts k3 there instead);
-- advantages are whitened over the whole step's tokens, every process's (TRL, verl,
-  OpenRLHF), returns are not; both losses are token means over the batch (TRL, verl);
+- advantages are whitened over the whole step's tokens, every process's (TRL, verl),
+  returns are not; both losses are token means over the batch (TRL, verl);
 - the value loss is 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) with
-  c = --value-clip (TRL 0.2, verl 0.5); the policy's and the value model's updates are
-  separate (two models, two optimizers, --lr and --critic-lr), so no vf_coef is needed;
+  c = --value-clip (TRL and OpenRLHF 0.2, verl 0.5); the policy's and the value model's
+  updates are separate (two models, two optimizers, --lr and --critic-lr): no vf_coef;
 - --ppo-epochs passes over the batch, one optimizer step for each model per pass (TRL 4,
   verl and OpenRLHF 1). Default 1, as grpo.py's --num-iterations: the comparison then
   changes the baseline alone. With one pass V = V_old and pi = pi_old in value, so neither
@@ -110,7 +113,7 @@ def get_args(argv=None):
     p.add_argument("--beta", type=float, default=0.04,
                    help="KL penalty in the reward: -beta log(pi_old / pi_ref) on every token; 0 = no reference model")
     p.add_argument("--gamma", type=float, default=1.0, help="GAE discount per token, in (0, 1]")
-    p.add_argument("--lam", type=float, default=1.0, help="GAE lambda, in [0, 1] (verl, OpenRLHF: 1; TRL: 0.95)")
+    p.add_argument("--lam", type=float, default=1.0, help="GAE lambda, in [0, 1] (verl: 1; TRL, OpenRLHF: 0.95)")
     p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip-low")
     p.add_argument("--clip-high", type=float, default=0.2, help="ratio clipped above at 1 + clip-high")
     p.add_argument("--value-clip", type=float, default=0.2,
