@@ -316,7 +316,7 @@ def verdict(diff):
 def report(table, variants, args):
     """The comparison as markdown lines."""
     first = next(iter(variants))
-    pm = lambda x: "-" if x["sd"] is None else f"{x['mean']:.3f} ± {x['sd']:.3f} [{x['lo']:.3f}, {x['hi']:.3f}]"
+    pm = lambda x: f"{x['mean']:.3f}" if x["sd"] is None else f"{x['mean']:.3f} ± {x['sd']:.3f} [{x['lo']:.3f}, {x['hi']:.3f}]"
     lines = [f"Held-out pass@1 over seeds {','.join(map(str, args.seeds))}: mean ± sd [95% t interval]; "
              f"paired differences against `{first}` over the same seeds.", "",
              "| variant | seeds | final | best | area | final - " + first + " | | eval noise | len | entropy | s/step | peak MiB |",
