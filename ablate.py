@@ -1,10 +1,11 @@
 """Ablations in one command: named variants of one training command, each over several seeds, compared.
 
 Each (variant, seed) is one run of grpo.py (or of the script a variant swaps in, such as
-ppo.py): the --base command, then the variant's flags (a flag given twice: the later one
-wins), then --seed S --out OUT/VARIANT/seed-S. Runs go --parallel at a time, one CPU
-thread each when several share the machine. The comparison is printed and written to
-OUT/ablation.md, OUT/ablation.json and, with matplotlib, OUT/ablation.png.
+ppo.py): the --base command, then the variant's flags (a flag that takes a value, given
+twice: the later one wins; a switch in --base cannot be turned off by a variant), then
+--seed S --out OUT/VARIANT/seed-S, started in the current folder. Runs go --parallel at a
+time, each with the machine's cores / --parallel threads. The comparison is printed and
+written to OUT/ablation.md, OUT/ablation.json and, with matplotlib, OUT/ablation.png.
 
     python ablate.py --base "grpo.py --model out/sums/cold/step-000228 --data ... --eval-data ... --eval-every 10" \\
         --variant grpo= --variant "dr-grpo=--scale none --agg seq-sum" \\
@@ -12,30 +13,33 @@ OUT/ablation.md, OUT/ablation.json and, with matplotlib, OUT/ablation.png.
 
 A variant is NAME=FLAGS; FLAGS starting with @SCRIPT run that script instead of the base's.
 A run that finished (OUT/VARIANT/seed-S.done.json, written after it exits 0, with the same
-command) is not run again; a stopped one (Ctrl-C, a crash) goes on from its newest checkpoint
-with --resume; a failed one is reported with its log's last line, and the others go on.
-So a re-run after Ctrl-C or a fix loses nothing. A run whose command changed starts over.
+command) is not run again; a stopped one (Ctrl-C, SIGTERM, a crash) goes on from its newest
+checkpoint with --resume; a failed one is reported with its log's last line, and the others
+go on. So a re-run after Ctrl-C or a fix loses nothing. A run whose command changed starts
+over. Ctrl-C reaches the runs from the terminal; a SIGTERM to the harness is passed on.
 
 The statistics, per variant over its seeds (every seed counts once):
 - held-out pass@1 at the last evaluation ("final"), the best evaluation ("best"), and the
   area under the curve (the step-weighted mean of the curve, trapezoids: "auc");
 - mean, standard deviation (n - 1) and a 95% interval mean +- t(0.975, n - 1) sd / sqrt(n),
   Student's t, which assumes the seeds' values are roughly normal; with one seed there is
-  no interval, and with two or three it is wide: say "unseparated" unless it excludes 0;
+  no interval, and with two or three it is wide: "unseparated" unless it excludes 0;
 - the paired difference to the first variant over the seeds both have (the same seed gives
-  both the same data order and evaluation prompts), with its own t interval: the seed's
-  shared luck cancels, so a paired interval is narrower than the two separate ones;
-- the evaluation's own noise: the binomial std sqrt(p (1 - p) / (prompts x samples)) of one
-  evaluation at the final pass@1 p, beside the seeds' std: when the seeds' std is not larger,
+  both the same sampling and evaluation streams, and the same data order at the same
+  prompts a step), with its own t interval: the seed's shared luck cancels;
+- the evaluation's own noise, at most: the binomial std sqrt(p (1 - p) / (prompts x samples))
+  of one evaluation at the final pass@1 p (the prompts being fixed, prompts of unequal
+  difficulty make it smaller), beside the seeds' std: when the seeds' std is not larger,
   more evaluation prompts would say more than more seeds;
 - from the training records: mean length and entropy over the last quarter of the steps,
-  the median seconds a step and its phases, and the run's peak memory (the process's peak
-  RSS on a CPU, which evaluation and the Python runtime are part of).
+  the median seconds a step and its phases, and the run's peak memory: its process's peak
+  RSS (host memory, with evaluation and the Python runtime in it; not a GPU's memory; of
+  the last part only, for a resumed run).
 
-Deliberate simplifications: runs on one machine (for a GPU each, set CUDA_VISIBLE_DEVICES in
---base's environment yourself); only a run's last evaluation counts as "final", whatever
-its step; the interval is a t interval, not a bootstrap (a bootstrap over 3 to 5 seeds is
-no better founded).
+Deliberate simplifications: the runs share one machine (and its GPUs: set
+CUDA_VISIBLE_DEVICES before the command to choose them); only a run's last evaluation
+counts as "final", whatever its step; the interval is a t interval, not a bootstrap (a
+bootstrap over 3 to 5 seeds is no better founded).
 """
 
 import argparse
@@ -43,6 +47,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -179,7 +184,7 @@ def launch(run, threads):
     print(f"[{run['name']} seed {run['seed']}] {run['action']}: python {shlex.join(run['command'] + extra)}", flush=True)
     run["started"] = time.time()
     with open(run["folder"] + ".log", "a" if run["action"] == "resume" else "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # in the caller's folder
 
 
 def run_all(runs, parallel):
@@ -188,6 +193,31 @@ def run_all(runs, parallel):
     todo = [r for r in runs if r["action"] != "skip"]
     threads = max(1, (os.cpu_count() or 1) // parallel)  # the cores shared out: no run waits for another's threads
     running, failed, stopped = {}, [], False
+
+    def finished(pid, status, usage):  # -> True when the run was stopped by a signal
+        run, proc = running.pop(pid)
+        code = proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.time() - run["started"]
+        if code in (130, -signal.SIGINT, -signal.SIGTERM):  # stopped at a step's end, with a checkpoint
+            print(f"[{run['name']} seed {run['seed']}] stopped; the same command goes on with it", flush=True)
+            return True
+        if code == 0:
+            write_json(run["folder"] + ".done.json", {"command": run["command"], "seconds": seconds,
+                                                      "peak_mib": usage.ru_maxrss / 1024})  # KiB on Linux
+            print(f"[{run['name']} seed {run['seed']}] done in {seconds:.0f} s", flush=True)
+        else:
+            run["error"] = last_line(run["folder"] + ".log")
+            failed.append(run)
+            print(f"[{run['name']} seed {run['seed']}] FAILED (exit {code}): {run['error']} "
+                  f"(log {run['folder']}.log)", flush=True)
+        return False
+
+    def terminate(signum, frame):  # SIGTERM reaches the harness alone: pass it on to the runs
+        for _, proc in running.values():
+            proc.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, terminate)
     try:
         while todo or running:
             while todo and len(running) < parallel:
@@ -195,28 +225,14 @@ def run_all(runs, parallel):
                 proc = launch(run, threads)
                 running[proc.pid] = (run, proc)
             pid, status, usage = os.wait4(-1, 0)
-            if pid not in running:
-                continue
-            run, proc = running.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
-            proc.returncode = code
-            seconds = time.time() - run["started"]
-            if code in (130, -2):  # stopped by a signal, at a step's end with a checkpoint: start nothing more
-                print(f"[{run['name']} seed {run['seed']}] stopped; the same command goes on with it", flush=True)
-                todo, stopped = [], True
-            elif code == 0:
-                write_json(run["folder"] + ".done.json", {"command": run["command"], "seconds": seconds,
-                                                          "peak_mib": usage.ru_maxrss / 1024})  # KiB on Linux
-                print(f"[{run['name']} seed {run['seed']}] done in {seconds:.0f} s", flush=True)
-            else:
-                run["error"] = last_line(run["folder"] + ".log")
-                failed.append(run)
-                print(f"[{run['name']} seed {run['seed']}] FAILED (exit {code}): {run['error']} "
-                      f"(log {run['folder']}.log)", flush=True)
-    except KeyboardInterrupt:  # the runs got the same Ctrl-C: each stops at its step's end, with a checkpoint
-        for run, proc in running.values():
-            proc.wait()
+            if pid in running and finished(pid, status, usage):
+                todo, stopped = [], True  # start nothing more; the others end on their own
+    except KeyboardInterrupt:  # Ctrl-C reached the runs too: each stops at its step's end, with a checkpoint
         stopped = True
+        while running:  # (a run in its last step finishes instead: it is marked done)
+            finished(*os.wait4(next(iter(running)), 0))
+    finally:
+        signal.signal(signal.SIGTERM, before)
     if stopped:
         raise SystemExit("stopped: run the same command again to go on (finished runs are kept, stopped ones resume)")
     return failed
@@ -264,13 +280,16 @@ def summarise_run(folder):
         return None
     tail = steps[-max(1, len(steps) // 4):]  # the last quarter of the steps
     mean = lambda key: sum(r[key] for r in tail if r.get(key) is not None) / max(1, sum(r.get(key) is not None for r in tail))
-    n_eval = flags["eval_prompts"] or sum(1 for _ in open(flags["eval_data"]))
+    with open(flags["eval_data"]) as f:
+        n_eval = sum(1 for line in f if line.strip())
+    n_eval = min(n_eval, flags["eval_prompts"] or n_eval)
     p = curve[-1][1]
     return {"final": p, "best": max(v for _, v in curve), "auc": auc(curve), "curve": curve,
             "len": mean("len"), "entropy": mean("entropy"), "s": median([r["s"] for r in steps]),
             "phases": {k: median([r[k] for r in steps]) for k in PHASES if k in steps[0]},
             "eval_noise": math.sqrt(p * (1 - p) / (n_eval * flags["eval_samples"])),
-            "len_curve": [(r["step"], r["len"]) for r in steps], "entropy_curve": [(r["step"], r["entropy"]) for r in steps]}
+            "len_curve": [(r["step"], r["len"]) for r in steps],
+            "entropy_curve": [(r["step"], r["entropy"]) for r in steps if r.get("entropy") is not None]}
 
 
 def compare(runs, variants):

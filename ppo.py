@@ -31,8 +31,8 @@ The choices, and who made them:
 - the KL in the reward is the k1 estimate log(pi_old / pi_ref) (InstructGPT, TRL, verl's
   default), whose sum over an answer is an unbiased estimate of the sequence's KL; no KL
   term in the loss (GRPO puts k3 there instead);
-- advantages are whitened over the whole step's tokens, every process's (TRL, verl),
-  returns are not; both losses are token means over the batch (TRL, verl);
+- advantages are whitened over the whole step's tokens, every process's (verl; TRL
+  whitens each process's own), returns are not; both losses are token means over the batch (TRL, verl);
 - the value loss is 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) with
   c = --value-clip (TRL and OpenRLHF 0.2, verl 0.5); the policy's and the value model's
   updates are separate (two models, two optimizers, --lr and --critic-lr): no vf_coef;
@@ -216,7 +216,8 @@ class ValueModel(torch.nn.Module):
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         h = self.body(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
         h = h[:, prompt_ids.shape[1] - 1:-1]  # (B, T, H): position Lp - 1 + t has seen tokens < t
-        return self.head(h.float()).squeeze(-1).masked_fill(mask == 0, 0.0)  # (B, T)
+        with torch.autocast(h.device.type, enabled=False):  # values, returns, advantages in float32, also under bf16
+            return self.head(h.float()).squeeze(-1).masked_fill(mask == 0, 0.0)  # (B, T)
 
 
 def token_rewards(score, old_logp, ref_logp, mask, beta):
@@ -238,8 +239,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=1.0):
     R_t = A_t + V(s_t), the value model's target. rewards, values, mask: (B, T), completions
     padded on the right. At gamma = lam = 1: A_t = (sum of rewards from t on) - V(s_t).
     """
+    values = values.to(torch.promote_types(values.dtype, torch.float32)) * mask  # float64 stays float64
     mask = mask.to(values.dtype)
-    values = values * mask
     adv = torch.zeros_like(values)  # (B, T)
     running = torch.zeros_like(values[:, 0])  # (B,) A_{t+1}
     T = values.shape[1]
@@ -285,8 +286,8 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
         err = torch.maximum(err, (clipped - returns) ** 2)
     n = mask.sum().clamp(min=1)
     loss = 0.5 * torch.where(mask, err, 0.0).sum() / n
-    with torch.no_grad():
-        cut = (values - old_values).abs() > clip if clip else torch.zeros_like(mask)
+    with torch.no_grad():  # the tokens whose clipped error was the larger one: no gradient there (TRL's vf_clipfrac)
+        cut = (clipped - returns) ** 2 > (values - returns) ** 2 if clip else torch.zeros_like(mask)
         metrics = {"vclip": (cut & mask).sum() / n, "value": (values * mask).sum() / n}
     return loss, metrics
 

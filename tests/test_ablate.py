@@ -4,6 +4,7 @@ script (finished runs skipped, stopped ones resumed, a failing one reported), th
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -88,8 +89,10 @@ def test_a_variant_adds_flags_or_swaps_the_script():
 # ------------------------------------------------------------------------- the harness, on a stand-in script
 
 FAKE = r'''
-import json, os, sys
+import json, os, signal, sys, time
 argv = sys.argv[1:]
+asked = []
+signal.signal(signal.SIGTERM, lambda *a: asked.append(1))  # as grpo.py: stop at the step's end
 get = lambda flag, default=None: argv[argv.index(flag) + 1] if flag in argv else default
 out, seed, lr = get("--out"), int(get("--seed")), float(get("--lr", "0"))
 open(out + ".threads", "w").write(os.environ.get("OMP_NUM_THREADS", "unset"))
@@ -102,18 +105,23 @@ if "--resume" in argv:
     open(os.path.join(out, "resumed"), "a").write(f"{start}\n")
 else:
     os.makedirs(out, exist_ok=True)
+    eval_data = os.path.join(os.path.dirname(out), "eval.jsonl")  # 60 prompts, 50 of them evaluated
+    open(eval_data, "w").write("{}\n" * 60)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps({"args": {"eval_prompts": 50, "eval_samples": 2, "eval_data": "x"}}) + "\n")
+        f.write(json.dumps({"args": {"eval_prompts": 50, "eval_samples": 2, "eval_data": eval_data}}) + "\n")
 for step in range(start + 1, steps + 1):
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, "reward": 1.0, "len": 10.0 * step + seed, "entropy": 0.5 - 0.1 * seed,
                             "s": 1.0 + step, "sample_s": 0.5, "update_s": 0.5 + step}) + "\n")
         if step % 2 == 0:
-            f.write(json.dumps({"step": step, "eval_pass@1": round(0.1 * step + 0.01 * seed + lr, 4)}) + "\n")
+            f.write(json.dumps({"step": step, "eval_pass@1": min(0.9, round(0.1 * step + 0.01 * seed + lr, 4))}) + "\n")
     os.makedirs(os.path.join(out, f"step-{step:06d}"), exist_ok=True)
     open(os.path.join(out, f"step-{step:06d}", "trainer_state.pt"), "w").write("x")
     if get("--stop-at") and step == int(get("--stop-at")) and "--resume" not in argv:
         sys.exit(130)  # as a signal stops grpo.py: at a step's end, after its checkpoint
+    time.sleep(float(get("--step-seconds", "0")))
+    if asked and step < steps:
+        sys.exit(130)
 '''
 
 
@@ -177,6 +185,25 @@ def test_a_run_stopped_by_a_signal_stops_the_harness_and_resumes_on_the_rerun(fa
     table = ablate.main(argv)
     assert open(out / "a" / "seed-0" / "resumed").read() == open(out / "a" / "seed-1" / "resumed").read() == "2\n"
     assert table["a"]["seeds"] == [0, 1] and table["a"]["final"]["mean"] == pytest.approx(0.405)
+
+
+def test_a_sigterm_to_the_harness_stops_the_runs_at_a_checkpoint(fake, tmp_path):
+    import subprocess
+    import time
+
+    out = tmp_path / "ab"
+    cmd = [sys.executable, ablate.__file__, "--base", f"{fake} --steps 40 --step-seconds 0.2", "--variant", "a=",
+           "--seeds", "0-1", "--parallel", "2", "--out", str(out)]
+    harness = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (out / "a" / "seed-1" / "step-000002").exists():
+        time.sleep(0.05)
+    harness.send_signal(__import__("signal").SIGTERM)
+    printed, _ = harness.communicate(timeout=60)
+    assert harness.returncode == 1 and "stopped: run the same command again" in printed
+    assert printed.count("stopped; the same command goes on with it") == 2  # both runs had it passed on
+    assert not (out / "a" / "seed-0" / "step-000040").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.count("resume:") == 2
 
 
 def test_a_changed_command_starts_over(fake, tmp_path, capsys):

