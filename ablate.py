@@ -284,12 +284,26 @@ def summarise_run(folder):
         n_eval = sum(1 for line in f if line.strip())
     n_eval = min(n_eval, flags["eval_prompts"] or n_eval)
     p = curve[-1][1]
-    return {"final": p, "best": max(v for _, v in curve), "auc": auc(curve), "curve": curve,
+    return {**sample_lengths(folder, steps[-1]["step"]), "final": p, "best": max(v for _, v in curve), "auc": auc(curve), "curve": curve,
             "len": mean("len"), "entropy": mean("entropy"), "s": median([r["s"] for r in steps]),
             "phases": {k: median([r[k] for r in steps]) for k in PHASES if k in steps[0]},
             "eval_noise": math.sqrt(p * (1 - p) / (n_eval * flags["eval_samples"])),
             "len_curve": [(r["step"], r["len"]) for r in steps],
             "entropy_curve": [(r["step"], r["entropy"]) for r in steps if r.get("entropy") is not None]}
+
+
+def sample_lengths(folder, last_step):
+    """The mean length in tokens of the right and of the wrong completions that the run wrote to
+    samples.jsonl (--sample-every) in the second half of its steps -> {"len_right", "len_wrong"},
+    None where there were none (Dr. GRPO's claim is about the wrong ones' length)."""
+    path = os.path.join(folder, "samples.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    rows = [r for r in rows if r["step"] > last_step / 2 and "accuracy" in r.get("parts", {})]
+    out = {}
+    for key, right in [("len_right", True), ("len_wrong", False)]:
+        n = [r["num_tokens"] for r in rows if (r["parts"]["accuracy"] > 0) == right]
+        out[key] = sum(n) / len(n) if n else None
+    return out
 
 
 def compare(runs, variants):
@@ -310,8 +324,9 @@ def compare(runs, variants):
         row = {"seeds": sorted(seeds), "runs": {str(s): v for s, v in sorted(seeds.items())}}
         for key in ["final", "best", "auc"]:
             row[key] = t_interval([v[key] for v in seeds.values()])
-        for key in ["len", "entropy", "s", "peak_mib", "eval_noise"]:
-            row[key] = mean_sd([v[key] for v in seeds.values()])[0]
+        for key in ["len", "entropy", "s", "peak_mib", "eval_noise", "len_right", "len_wrong"]:
+            known = [v[key] for v in seeds.values() if v[key] is not None]
+            row[key] = mean_sd(known)[0] if known else None
         row["phases"] = {k: mean_sd([v["phases"][k] for v in seeds.values()])[0] for k in next(iter(seeds.values()))["phases"]}
         shared = sorted(set(seeds) & set(by[first]))
         if name != first and shared:
@@ -356,6 +371,10 @@ def report(table, variants, args):
     for name, row in table.items():
         if row["seeds"]:
             lines.append(f"| {name} | " + " | ".join(f"{row['phases'].get(k, 0):.2f}" for k in phases) + f" | {row['s']:.2f} |")
+    show = lambda x: "-" if x is None else f"{x:.1f}"
+    lines += ["", "Length in tokens of the right and the wrong completions of samples.jsonl, second half of the steps "
+              "(mean over seeds):", "", "| variant | right | wrong |", "|---|---|---|"]
+    lines += [f"| {name} | {show(row['len_right'])} | {show(row['len_wrong'])} |" for name, row in table.items() if row["seeds"]]
     lines += ["", "Commands (each with --seed S --out OUT/VARIANT/seed-S):", ""]
     lines += [f"- `{name}`: `python {shlex.join(cmd)}`" for name, cmd in variants.items()]
     return lines

@@ -115,6 +115,9 @@ for step in range(start + 1, steps + 1):
                             "s": 1.0 + step, "sample_s": 0.5, "update_s": 0.5 + step}) + "\n")
         if step % 2 == 0:
             f.write(json.dumps({"step": step, "eval_pass@1": min(0.9, round(0.1 * step + 0.01 * seed + lr, 4))}) + "\n")
+            with open(os.path.join(out, "samples.jsonl"), "a") as s:  # a right and a wrong completion
+                for right, n in [(1.0, 10 * step), (0.0, 5 * step)]:
+                    s.write(json.dumps({"step": step, "parts": {"accuracy": right}, "num_tokens": n}) + "\n")
     os.makedirs(os.path.join(out, f"step-{step:06d}"), exist_ok=True)
     open(os.path.join(out, f"step-{step:06d}", "trainer_state.pt"), "w").write("x")
     if get("--stop-at") and step == int(get("--stop-at")) and "--resume" not in argv:
@@ -146,6 +149,7 @@ def test_the_table_is_the_runs_numbers_by_hand(fake, tmp_path):
     assert "paired" not in a
     assert a["len"] == pytest.approx(40.5)  # the last quarter of 4 steps: step 4, len 40 + seed
     assert a["entropy"] == pytest.approx(0.45)
+    assert (a["len_right"], a["len_wrong"]) == (40, 20)  # the samples of step 4, the second half of 4 steps
     assert a["s"] == pytest.approx(3.5) and a["phases"] == {"sample_s": 0.5, "update_s": pytest.approx(3.0)}
     assert a["eval_noise"] == pytest.approx((math.sqrt(0.4 * 0.6 / 100) + math.sqrt(0.41 * 0.59 / 100)) / 2)
     assert a["peak_mib"] > 0
