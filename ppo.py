@@ -27,12 +27,13 @@ The choices, and who made them:
   the decay of the reward, behind PPO's collapse on long reasoning, and fixes them by
   pretraining the value model and giving it lambda = 1. Without pretraining, lambda = 1
   for both: A_t = return - V(s_t), the value model a per-token baseline that biases nothing
-  (docs/ppo.md measures 0.95 beside it);
+  (docs/ppo.md: at 0.95 the miniature's runs collapse);
 - the KL in the reward is the k1 estimate log(pi_old / pi_ref) (InstructGPT, TRL, verl's
   default), whose sum over an answer is an unbiased estimate of the sequence's KL; no KL
   term in the loss (GRPO puts k3 there instead);
 - advantages are whitened over the whole step's tokens, every process's (verl; TRL
-  whitens each process's own), returns are not; both losses are token means over the batch (TRL, verl);
+  whitens each process's own), returns are not; both losses are token means over the
+  batch (TRL, verl);
 - the value loss is 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) with
   c = --value-clip (TRL and OpenRLHF 0.2, verl 0.5); the policy's and the value model's
   updates are separate (two models, two optimizers, --lr and --critic-lr): no vf_coef;
