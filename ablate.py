@@ -340,6 +340,8 @@ def verdict(diff):
     """What a paired interval says about a difference."""
     if diff["n"] < 2:
         return "one seed: no interval"
+    if diff["sd"] == 0 and diff["mean"] == 0:
+        return "identical"  # the same numbers on every seed
     if diff["lo"] > 0:
         return "higher"
     if diff["hi"] < 0:
