@@ -223,9 +223,9 @@ class ValueModel(torch.nn.Module):
 
 def token_rewards(score, old_logp, ref_logp, mask, beta):
     """Per-token rewards (B, T): -beta log(pi_old / pi_ref) on every token (k1), and the rule
-    reward score (B,) added on each completion's last token. ref_logp: None at beta 0."""
-    mask = mask.to(old_logp.dtype)
-    r = -beta * (old_logp - ref_logp) * mask if beta else torch.zeros_like(old_logp)  # (B, T)
+    reward score (B,) added on each completion's last token. old_logp, ref_logp: None at beta 0."""
+    mask = mask.float()
+    r = -beta * (old_logp - ref_logp) * mask if beta else torch.zeros_like(mask)  # (B, T)
     n = mask.sum(1).long()  # (B,) completion lengths
     rows = torch.nonzero(n > 0).squeeze(1)
     r[rows, n[rows] - 1] += score[rows].to(r.dtype)
@@ -392,10 +392,9 @@ def train(args, stop=None):
             old_values = [critic(*x) for x in tensors]  # (b, T) each
         advs, returns = [], []
         fit = [0.0] * 5  # sums over tokens of R, R^2, R - V, (R - V)^2 (the value model's fit) and the KL
-        for j, (ix, (_, _, ids, mask)) in enumerate(zip(micro, tensors)):
+        for j, (ix, (_, _, _, mask)) in enumerate(zip(micro, tensors)):
             score_t = torch.tensor([batch[i]["reward"] for i in ix], dtype=torch.float32, device=device)  # (b,)
-            r = token_rewards(score_t, old_logps[j] if args.beta > 0 else torch.zeros(ids.shape, device=device),
-                              ref_logps[j], mask, args.beta)  # (b, T)
+            r = token_rewards(score_t, old_logps[j], ref_logps[j], mask, args.beta)  # (b, T)
             a, ret = gae(r, old_values[j], mask, args.gamma, args.lam)
             advs.append(a)
             returns.append(ret)
@@ -436,9 +435,9 @@ def train(args, stop=None):
         for k in ["ratio", "clip", "entropy"]:
             sums[k] = 0.0
         gnorm, n_logged = float("nan"), 0
-        for epoch in range(args.ppo_epochs if step > args.critic_warmup else 0):
+        for _ in range(args.ppo_epochs if step > args.critic_warmup else 0):
             opt.zero_grad(set_to_none=True)
-            for j, (ix, x) in enumerate(zip(micro, tensors)):
+            for j, x in enumerate(tensors):
                 with amp():
                     logp, ent = completion_logprobs(model, *x, args.temperature, with_entropy=True,
                                                     vocab=len(tok))  # (b, T) each
