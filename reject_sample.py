@@ -271,7 +271,11 @@ def reject_reason(s, format_check, min_language, max_kept_tokens):
 def select(samples, keep_per_prompt, order, rng):
     """Samples that broke no rule -> (kept, {"duplicate": n, "cap": n}). shortest: fewest
     tokens first (ties in sample order); random: a seeded shuffle. A sample equal to one
-    already seen (whitespace collapsed) is a duplicate; past keep_per_prompt, the rest are cut."""
+    already seen (whitespace collapsed) is a duplicate; past keep_per_prompt, the rest are cut.
+    Each kept sample's "copies" counts the passing samples with its text (itself included)."""
+    keys = [" ".join(s["text"].split()) for s in samples]
+    for s, key in zip(samples, keys):
+        s["copies"] = keys.count(key)
     if order == "shortest":
         ranked = sorted(samples, key=lambda s: s["num_tokens"])
     else:
@@ -319,7 +323,7 @@ def judge_prompt(index, ex, rows, args, correct_name):
         "num_truncated": sum(s["truncated"] for s in samples),
         "num_tokens": sum(s["num_tokens"] for s in samples), "num_kept": len(kept), "dropped": dropped})
     lines = [{"prompt": ex["prompt"], "completion": s["text"], "score": s["score"], "parts": s["parts"],
-              "num_tokens": s["num_tokens"], "answer": ex.get("answer"), "model": args.model,
+              "num_tokens": s["num_tokens"], "copies": s["copies"], "answer": ex.get("answer"), "model": args.model,
               "prompt_index": index} for s in kept]
     return record, lines
 

@@ -149,6 +149,7 @@ def test_select_shortest_first_drops_duplicates_then_caps():
     assert kept == [b, d, e] and dropped == {"duplicate": 1, "cap": 1}  # b before d: same length, earlier
     kept, dropped = RS.select([a, b, c, d, e], 0, "shortest", None)  # 0 = every distinct one
     assert kept == [b, d, e, a] and dropped == {"duplicate": 1, "cap": 0}
+    assert [s["copies"] for s in kept] == [2, 1, 1, 1]  # b stands for c too
 
 
 def test_select_random_order_is_seeded():
@@ -186,8 +187,9 @@ def test_judge_prompt_counts_and_kept_lines():
     assert rec["source"] == "hand" and "_where" not in rec and rec["prompt_index"] == 3
     assert [l["completion"] for l in lines] == [T.format("so 19", "19"), GOOD]  # shortest first
     assert lines[0] == {"prompt": "What is 12 + 7?", "completion": T.format("so 19", "19"), "score": 1.5,
-                        "parts": {"accuracy": 1.0, "format": 1.0}, "num_tokens": 8, "answer": "19",
+                        "parts": {"accuracy": 1.0, "format": 1.0}, "num_tokens": 8, "copies": 2, "answer": "19",
                         "model": "m", "prompt_index": 3}
+    assert lines[1]["copies"] == 1
 
 
 # ------------------------------------------------------------------------- runs on a tiny model
