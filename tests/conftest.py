@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: a tiny model built once per session, offline."""
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -56,6 +57,20 @@ def pytest_cmdline_main(config):
 def tiny_dir(tmp_path_factory):
     """A freshly initialised 2-layer Qwen2 model and its locally trained tokenizer, on disk."""
     return models.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with a chat template of its own, for the scripts run with --template chat."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat") / "model"
+    shutil.copytree(tiny_dir, path)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

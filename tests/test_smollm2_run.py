@@ -4,22 +4,15 @@ own run is measured, not tested: docs/smollm2.md)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from transformers import AutoTokenizer
 
 from conftest import data_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 prepare, run = data_script("smollm2", "prepare"), data_script("smollm2", "run")
-
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def read(path):
@@ -48,15 +41,10 @@ def test_prepare_refuses_more_questions_than_there_are(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_on_a_tiny_chat_model(tiny_dir, tmp_path):
-    model_dir = tmp_path / "tiny-chat"
-    shutil.copytree(tiny_dir, model_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    tok.chat_template = CHAT
-    tok.save_pretrained(model_dir)
+def test_quick_run_on_a_tiny_chat_model(tiny_chat_dir, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "data", "smollm2", "run.py"), "--quick",
-                           "--model", str(model_dir), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+                           "--model", tiny_chat_dir, "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     card = json.load(open(out / "card.json"))
     assert card["steps"] == 2 and card["gain"] == pytest.approx(card["after"]["pass@1"] - card["before"]["pass@1"])
