@@ -105,8 +105,9 @@ def test_quick_run_on_a_tiny_chat_model(tiny_chat_dir, tmp_path):
         assert {k: v for k, v in report.items() if k not in ("trace_right", "careful")} == json.load(
             open(out / "eval" / f"{name}.report.json"))
         assert report["prompts"] == 4 and report["samples"] == 8
-        kept = read(out / "eval" / f"{name}.jsonl")  # the right answers: none, from a random tiny model
-        assert report["trace_right"] is None and report["careful"] is None and not kept
+        kept = read(out / "eval" / f"{name}.jsonl")  # the right answers, whatever a random tiny model got
+        assert (report["trace_right"], report["careful"]) == run.shares(kept)
+        assert (report["careful"] is None) == (not kept)
     for name in ["zero", "rl"]:  # both RL stages ran their 2 steps, the second from the cold start's checkpoint
         assert [r["step"] for r in card["curves"][name]] == [1, 2]
     rl_args, zero_args = (json.load(open(out / name / "args.json")) for name in ["rl", "zero"])

@@ -227,9 +227,9 @@ def run_lanes(args, size, out, files, rl, logs):
         for w in workers:
             w.start()
         try:
-            while any(w.is_alive() for w in workers):
-                workers[0].join(0.2)
-                workers[1].join(0.2)
+            for w in workers:
+                while w.is_alive():
+                    w.join(0.5)  # a timed join: Ctrl-C reaches this thread between two
         except KeyboardInterrupt:  # the stage running in each lane had the signal too
             STOP.set()
             for w in workers:
